@@ -1,0 +1,453 @@
+"""The one cache configuration schema shared by every backend.
+
+:class:`DiTCacheConfig` is a frozen dataclass with flat fields, so YAML files, ``dit_cache:``
+sections of larger pipeline configs and keyword overrides all map onto it directly. It validates
+itself in ``__post_init__``; any problem raises :class:`DiTCacheConfigError` naming the field,
+the bad value and what is allowed. Strategy-specific defaults (threshold, block counts, warmup)
+are filled in at construction, so ``to_dict()`` always shows the values that will really be used.
+
+``enabled`` is ``False`` by default: a default config changes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import DiTCacheConfigError
+
+BACKENDS: tuple[str, ...] = ("auto", "native", "diffusers", "cache_dit")
+STRATEGIES: tuple[str, ...] = ("fbcache", "dbcache", "taylorseer", "pab", "fastercache", "magcache")
+SEPARATE_CFG_CHOICES: tuple[Any, ...] = (True, False, "auto")
+MAX_TAYLORSEER_ORDER = 4
+
+# Which unified fields carry a meaning for which strategy. Setting a field that a strategy does not
+# use is an error, never silently ignored. ``enabled``, ``backend``, ``strategy``, ``separate_cfg``
+# and ``options`` apply to every strategy.
+_STEP_SCHEDULE = ("warmup_steps", "active_steps", "max_cached_steps", "max_consecutive_cached")
+STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
+    "fbcache": ("threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order"),
+    "dbcache": ("threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order"),
+    "taylorseer": ("taylorseer_order", "warmup_steps", "active_steps"),
+    "pab": ("active_steps",),
+    "fastercache": ("active_steps",),
+    "magcache": ("threshold", "warmup_steps", "active_steps", "max_consecutive_cached"),
+}
+
+# Defaults filled in per strategy (only for the fields the strategy uses). The tiers in configs/
+# are the calibrated alternatives; these are conservative starting points.
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fbcache": {"threshold": 0.12, "front_blocks": 1, "back_blocks": 0, "warmup_steps": 2},
+    "dbcache": {"threshold": 0.12, "front_blocks": 1, "back_blocks": 1, "warmup_steps": 2},
+    "taylorseer": {"taylorseer_order": 1, "warmup_steps": 2},
+    "pab": {},
+    "fastercache": {},
+    "magcache": {"threshold": 0.06, "warmup_steps": 2, "max_consecutive_cached": 3},
+}
+
+# fbcache is the Fn=1, Bn=0 case of dbcache by definition; other block counts need dbcache.
+_FIXED_FIELDS: dict[str, dict[str, Any]] = {"fbcache": {"front_blocks": 1, "back_blocks": 0}}
+
+# Fields whose "not set" value is None and stays None (unlimited / off) after defaults.
+_OPTIONAL_FIELDS = ("max_cached_steps", "max_consecutive_cached", "taylorseer_order")
+
+SeparateCFG = Union[bool, Literal["auto"]]
+
+
+@dataclass(frozen=True)
+class DiTCacheConfig:
+    """Training-free DiT cache settings, the same for every backend.
+
+    Fields (see docs/config-reference.md for the full table):
+
+    enabled:
+        Master switch. ``False`` (the default) means the target is never touched.
+    backend:
+        ``"auto"`` (best installed backend for the strategy, falling back to native),
+        ``"native"``, ``"diffusers"`` or ``"cache_dit"``.
+    strategy:
+        ``"fbcache"``, ``"dbcache"``, ``"taylorseer"``, ``"pab"``, ``"fastercache"``, ``"magcache"``.
+    threshold:
+        Relative-L1 change of the decision residual below which a step reuses the cache. Higher is
+        faster and less faithful.
+    front_blocks, back_blocks:
+        Fn blocks always computed at the front (their residual drives the decision) and Bn blocks
+        always computed at the back. fbcache is Fn=1, Bn=0.
+    warmup_steps:
+        The first steps always compute, counted from step 0 of each run and branch.
+    active_steps:
+        ``(start, end)``: caching may happen only for ``start <= step < end``; ``end=None`` means
+        to the last step.
+    max_cached_steps, max_consecutive_cached:
+        Caps per run and branch; ``None`` means unlimited.
+    taylorseer_order:
+        Order of the Taylor forecaster applied to cached residuals; ``None`` turns it off.
+    separate_cfg:
+        ``True``: each CFG branch decides on its own; ``False``: the first branch of a step decides
+        for all branches (state is still kept per branch); ``"auto"``: the backend's best choice.
+    options:
+        Backend-specific settings passed through after validation by the backend.
+    """
+
+    enabled: bool = False
+    backend: str = "auto"
+    strategy: str = "fbcache"
+    threshold: float | None = None
+    front_blocks: int | None = None
+    back_blocks: int | None = None
+    warmup_steps: int | None = None
+    active_steps: tuple[int, int | None] | None = None
+    max_cached_steps: int | None = None
+    max_consecutive_cached: int | None = None
+    taylorseer_order: int | None = None
+    separate_cfg: SeparateCFG = "auto"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._set("enabled", _check_bool("enabled", self.enabled))
+        self._set("backend", _check_choice("backend", self.backend, BACKENDS, aliases=_BACKEND_ALIASES))
+        self._set("strategy", _check_choice("strategy", self.strategy, STRATEGIES))
+        self._validate_values()
+        self._check_strategy_fields()
+        self._fill_strategy_defaults()
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _validate_values(self) -> None:
+        if self.threshold is not None:
+            self._set("threshold", _check_number("threshold", self.threshold, minimum=0.0))
+        for name, minimum in (
+            ("front_blocks", 1),
+            ("back_blocks", 0),
+            ("warmup_steps", 0),
+            ("max_cached_steps", 0),
+            ("max_consecutive_cached", 0),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                self._set(name, _check_int(name, value, minimum=minimum))
+        if self.taylorseer_order is not None:
+            order = _check_int("taylorseer_order", self.taylorseer_order, minimum=1,
+                               maximum=MAX_TAYLORSEER_ORDER, hint="use null to turn the forecaster off")
+            self._set("taylorseer_order", order)
+        if self.active_steps is not None:
+            self._set("active_steps", _check_active_steps(self.active_steps))
+        if not (isinstance(self.separate_cfg, bool) or self.separate_cfg == "auto"):
+            raise DiTCacheConfigError("separate_cfg", self.separate_cfg, "true, false or 'auto'")
+        self._set("options", _check_options(self.options))
+
+    def _check_strategy_fields(self) -> None:
+        used = STRATEGY_FIELDS[self.strategy]
+        for name in _ALL_STRATEGY_FIELDS:
+            value = getattr(self, name)
+            if value is None or name in used:
+                continue
+            users = [s for s, names in STRATEGY_FIELDS.items() if name in names]
+            raise DiTCacheConfigError(
+                name, value, "null (unset) for strategy " + repr(self.strategy),
+                hint=f"{name} has no meaning for {self.strategy!r}; it applies to {', '.join(users)}",
+            )
+        for name, fixed in _FIXED_FIELDS.get(self.strategy, {}).items():
+            value = getattr(self, name)
+            if value is not None and value != fixed:
+                raise DiTCacheConfigError(
+                    name, value, f"{fixed} for strategy {self.strategy!r}",
+                    hint="fbcache always computes exactly the first block; use strategy 'dbcache' "
+                         "for other front/back block counts",
+                )
+
+    def _fill_strategy_defaults(self) -> None:
+        used = STRATEGY_FIELDS[self.strategy]
+        for name, default in STRATEGY_DEFAULTS[self.strategy].items():
+            if getattr(self, name) is None:
+                self._set(name, default)
+        if "active_steps" in used and self.active_steps is None:
+            self._set("active_steps", (0, None))
+
+    # -- conversion -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, Any]) -> DiTCacheConfig:
+        """Build a config from a flat mapping; unknown keys fail with a did-you-mean."""
+        if not isinstance(mapping, Mapping):
+            raise DiTCacheConfigError("<config>", mapping, "a mapping of DiTCacheConfig fields")
+        known = field_names()
+        for key in mapping:
+            if not isinstance(key, str) or key not in known:
+                raise DiTCacheConfigError(
+                    str(key), mapping[key], "one of " + ", ".join(known),
+                    hint=_did_you_mean(key, known) or "unknown field",
+                )
+        return cls(**dict(mapping))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-friendly dict of every field, defaults filled in."""
+        data = asdict(self)
+        data["active_steps"] = list(self.active_steps) if self.active_steps is not None else None
+        data["options"] = _plain(self.options)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> DiTCacheConfig:
+        return load_config(_parse_yaml(text, "<yaml text>"))
+
+    def replace(self, **changes: Any) -> DiTCacheConfig:
+        """A copy with ``changes`` applied and everything validated again.
+
+        Strategy defaults are re-derived when the strategy changes, so ``cfg.replace(strategy=...)``
+        never carries another strategy's defaults along.
+        """
+        base = self.to_dict()
+        if "strategy" in changes and changes["strategy"] != self.strategy:
+            base = {k: v for k, v in base.items() if k in _STRATEGY_INDEPENDENT_FIELDS}
+        return DiTCacheConfig.from_dict({**base, **changes})
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=repr))
+
+
+_BACKEND_ALIASES = {"cache-dit": "cache_dit", "cachedit": "cache_dit"}
+_ALL_STRATEGY_FIELDS = (
+    "threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order",
+)
+_STRATEGY_INDEPENDENT_FIELDS = ("enabled", "backend", "strategy", "separate_cfg", "options")
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(DiTCacheConfig))
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+ConfigSource = Union[DiTCacheConfig, Mapping[str, Any], str, Path, None]
+
+def _find_preset_dir() -> Path:
+    # Installed wheels carry the presets inside the package; a source checkout keeps them in the
+    # top-level configs/ folder next to the package.
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return here / "configs"
+
+
+PRESET_DIR = _find_preset_dir()
+SECTION_KEY = "dit_cache"
+
+
+def load_config(source: ConfigSource = None, **overrides: Any) -> DiTCacheConfig:
+    """Resolve any supported config source to a validated :class:`DiTCacheConfig`.
+
+    ``source`` may be a ``DiTCacheConfig``, a mapping (the bare schema, or a larger pipeline/model
+    config that carries a ``dit_cache:`` section anywhere in it; its other keys are ignored), a
+    path to a YAML file of either shape, or the name of a preset shipped in ``configs/``.
+    ``None`` is the default (disabled) config. ``overrides`` are applied on top.
+    """
+    if source is None:
+        config = DiTCacheConfig()
+    elif isinstance(source, DiTCacheConfig):
+        config = source
+    elif isinstance(source, Mapping):
+        config = _config_from_mapping(source)
+    elif isinstance(source, (str, Path)):
+        config = _config_from_mapping(_read_yaml_source(source))
+    else:
+        raise DiTCacheConfigError(
+            "<config>", source, "a DiTCacheConfig, a mapping, a YAML path or a preset name"
+        )
+    return config.replace(**overrides) if overrides else config
+
+
+def _config_from_mapping(mapping: Mapping[str, Any]) -> DiTCacheConfig:
+    sections = list(_find_sections(mapping, path=()))
+    if len(sections) > 1:
+        where = ", ".join(".".join(p) for p, _ in sections)
+        raise DiTCacheConfigError(SECTION_KEY, where, "exactly one dit_cache section per config")
+    if sections:
+        _, section = sections[0]
+        return _config_from_section(section)
+    return DiTCacheConfig.from_dict(mapping)
+
+
+def _config_from_section(section: Any) -> DiTCacheConfig:
+    if section is None or section is False:
+        return DiTCacheConfig()
+    if section is True:
+        return DiTCacheConfig(enabled=True)
+    if isinstance(section, Mapping):
+        return DiTCacheConfig.from_dict(section)
+    raise DiTCacheConfigError(SECTION_KEY, section, "a mapping of DiTCacheConfig fields, true, false or null")
+
+
+def _find_sections(mapping: Mapping[str, Any], path: tuple[str, ...]):
+    for key, value in mapping.items():
+        if key == SECTION_KEY:
+            yield (*path, key), value
+        elif isinstance(value, Mapping):
+            yield from _find_sections(value, (*path, str(key)))
+
+
+def _read_yaml_source(source: str | Path) -> Mapping[str, Any]:
+    path = Path(source)
+    if path.is_file():
+        return _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    preset = PRESET_DIR / f"{source}.yaml"
+    if isinstance(source, str) and preset.is_file():
+        return _parse_yaml(preset.read_text(encoding="utf-8"), str(preset))
+    names = list_presets()
+    raise DiTCacheConfigError(
+        "<config>", str(source), "an existing YAML file or a preset: " + ", ".join(names),
+        hint=_did_you_mean(str(source), names) or "no such file or preset",
+    )
+
+
+def _parse_yaml(text: str, origin: str) -> Mapping[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DiTCacheConfigError("<yaml>", origin, "valid YAML", hint=str(exc).splitlines()[0]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise DiTCacheConfigError("<yaml>", origin, "a YAML mapping at the top level")
+    return data
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``configs/`` (usable wherever a config is accepted)."""
+    if not PRESET_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = list_presets()
+        raise DiTCacheConfigError("<preset>", name, ", ".join(names), hint=_did_you_mean(name, names))
+    return path
+
+
+# -- field checks -------------------------------------------------------------------------------
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise DiTCacheConfigError(name, value, "true or false")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str], aliases: Mapping[str, str] = {}) -> str:
+    if isinstance(value, str):
+        normalized = value.strip().lower()
+        normalized = aliases.get(normalized, normalized)
+        if normalized in choices:
+            return normalized
+    hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
+    raise DiTCacheConfigError(name, value, ", ".join(repr(c) for c in choices), hint=hint)
+
+
+def _check_number(name: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise DiTCacheConfigError(name, value, f"a finite number >= {minimum}")
+    if not math.isfinite(value) or value < minimum:
+        raise DiTCacheConfigError(name, value, f"a finite number >= {minimum}")
+    return float(value)
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None, hint: str = "") -> int:
+    allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DiTCacheConfigError(name, value, allowed + " or null", hint=hint)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise DiTCacheConfigError(name, value, allowed + " or null", hint=hint)
+    return int(value)
+
+
+def _check_active_steps(value: Any) -> tuple[int, int | None]:
+    allowed = "[start, end] with 0 <= start < end, end null for 'to the last step'"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise DiTCacheConfigError("active_steps", value, allowed)
+    start, end = value
+    if not _is_int(start) or start < 0:
+        raise DiTCacheConfigError("active_steps", value, allowed, hint="start must be an integer >= 0")
+    if end is not None and (not _is_int(end) or end <= start):
+        raise DiTCacheConfigError("active_steps", value, allowed, hint="end must be an integer > start, or null")
+    return (int(start), None if end is None else int(end))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_options(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise DiTCacheConfigError("options", value, "a mapping of backend option names to values")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise DiTCacheConfigError("options", key, "option names that are strings")
+        _check_plain(f"options.{key}", item)
+    return _plain(value)
+
+
+def _check_plain(name: str, value: Any) -> None:
+    """Options must survive a YAML/JSON round trip, so only plain data is accepted."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DiTCacheConfigError(name, value, "a finite number")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise DiTCacheConfigError(name, key, "string keys")
+            _check_plain(f"{name}.{key}", item)
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(f"{name}[{index}]", item)
+        return
+    raise DiTCacheConfigError(name, value, "plain data: numbers, strings, booleans, null, lists, mappings")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _did_you_mean(word: Any, choices: Sequence[str]) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+__all__ = [
+    "BACKENDS",
+    "STRATEGIES",
+    "STRATEGY_DEFAULTS",
+    "STRATEGY_FIELDS",
+    "DiTCacheConfig",
+    "load_config",
+    "list_presets",
+    "preset_path",
+    "field_names",
+]

@@ -1,0 +1,48 @@
+"""Exceptions raised by phyai_cache.
+
+Every error is raised *before* anything on the target is changed, so catching one leaves the model
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PhyaiCacheError(Exception):
+    """Base class of every phyai_cache error."""
+
+
+class DiTCacheConfigError(PhyaiCacheError, ValueError):
+    """An invalid cache configuration, block spec or target.
+
+    ``field`` names the offending setting (``"threshold"``, ``"front_blocks"``, ``"target"`` ...),
+    ``value`` is what was given and ``allowed`` says what would be accepted.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: str, hint: str = "") -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        self.hint = hint
+        message = f"dit_cache.{field}: got {_short_repr(value)}; allowed: {allowed}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class BackendUnavailableError(PhyaiCacheError, RuntimeError):
+    """A requested backend or strategy does not exist at the installed library versions."""
+
+
+class CacheStateError(PhyaiCacheError, RuntimeError):
+    """An operation that does not fit the target's current cache state.
+
+    Examples: enabling twice on the same target, or a model whose blocks do not run in the order the
+    cache was built for.
+    """
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
