@@ -1,0 +1,97 @@
+"""The adapter protocol: what every backend provides to the front end.
+
+An adapter is the only place that knows a backend's API. It works in two phases so that a bad
+configuration never leaves a half-modified model behind:
+
+1. :meth:`Backend.prepare` validates the config against the model and the installed version and
+   returns a :class:`Plan`. It must not change anything.
+2. :meth:`Plan.install` applies the plan and returns an :class:`Installation`, which the front end
+   calls at run boundaries and finally removes. If ``install`` raises, it must have undone its own
+   partial changes.
+
+Per-run state belongs to the run (``RunState.backend_state``), never to the installation, so a new
+run can never see an old run's tensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..config import STRATEGIES, DiTCacheConfig
+from ..versions import backend_version
+
+if TYPE_CHECKING:
+    from ..lifecycle import CacheTarget, Lifecycle, RunState
+
+
+@dataclass(frozen=True)
+class StrategySupport:
+    """Whether a backend can serve a strategy at the installed version, and if not, why."""
+
+    strategy: str
+    available: bool
+    reason: str = ""
+    min_version: str | None = None
+
+
+class Installation(ABC):
+    """A backend applied to one target."""
+
+    blocks_per_call: int = 0  # block forwards an uncached transformer call executes
+
+    def begin_run(self, run: RunState) -> None:
+        """Called when a run starts, before the first transformer call."""
+
+    def end_run(self, run: RunState) -> None:
+        """Called when a run ends, also when it raised; must drop all per-run backend state."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """Undo everything ``install`` did, leaving the target exactly as it was before."""
+
+
+class Plan(ABC):
+    """A validated, not yet applied configuration of one backend for one target."""
+
+    @abstractmethod
+    def install(self, lifecycle: Lifecycle) -> Installation:
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the plan will do, for logs and ``handle.describe()``."""
+        return {}
+
+
+class Backend(ABC):
+    """A cache implementation behind the unified config."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def version(self) -> str | None:
+        """Installed version of the backend's package; None when not installed."""
+        return backend_version(self.name)
+
+    def installed(self) -> bool:
+        return self.version() is not None
+
+    @abstractmethod
+    def strategy_support(self, version: str | None) -> dict[str, StrategySupport]:
+        """Support for every strategy name in ``STRATEGIES`` at ``version``."""
+
+    def supports(self, strategy: str) -> StrategySupport:
+        return self.strategy_support(self.version())[strategy]
+
+    @abstractmethod
+    def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: Any = None) -> Plan:
+        """Validate ``config`` for ``target`` and return a plan; must not modify the target."""
+
+
+def unsupported(strategy: str, reason: str, min_version: str | None = None) -> StrategySupport:
+    return StrategySupport(strategy, False, reason, min_version)
+
+
+def all_strategies(make: Any) -> dict[str, StrategySupport]:
+    return {strategy: make(strategy) for strategy in STRATEGIES}

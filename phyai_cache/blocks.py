@@ -1,0 +1,258 @@
+"""Finding a transformer's blocks and reading their inputs and outputs.
+
+A cache needs to know three things about a model: which ``nn.ModuleList`` children hold the
+transformer blocks (in the order they run), where a block's hidden states (and encoder hidden
+states) are among its arguments, and where they are in its return value.
+
+* diffusers models: read from diffusers' own ``TransformerBlockRegistry`` metadata, so there is no
+  hand-written table of models here.
+* any other model: a :class:`BlockSpec` (or just the list's attribute path) says it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from .errors import CacheStateError, DiTCacheConfigError
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How to cache a list of blocks in a model that diffusers does not describe.
+
+    path:
+        Dotted attribute path of an ``nn.ModuleList`` of blocks, e.g. ``"layers"`` or
+        ``"backbone.double_blocks"``.
+    hidden_states_arg:
+        The argument carrying the hidden states: a parameter name or a position (default: the
+        first argument).
+    encoder_hidden_states_arg:
+        The argument carrying the text/encoder stream when the block also updates and returns it.
+    return_hidden_states_index, return_encoder_hidden_states_index:
+        Where those streams are in the block's returned tuple; ``None`` for the hidden index means
+        the block returns a bare tensor.
+    """
+
+    path: str
+    hidden_states_arg: str | int = 0
+    encoder_hidden_states_arg: str | int | None = None
+    return_hidden_states_index: int | None = None
+    return_encoder_hidden_states_index: int | None = None
+
+
+BlocksArg = Union[None, str, BlockSpec, Mapping[str, Any], Sequence[Union[str, BlockSpec, Mapping[str, Any]]]]
+
+
+class BlockIO:
+    """Reads hidden/encoder states from a block's arguments and builds outputs in its format."""
+
+    def __init__(self, module: torch.nn.Module, spec: BlockSpec) -> None:
+        self.hidden_name, self.hidden_pos = _locate_argument(module, spec.hidden_states_arg, spec.path, "hidden_states_arg")
+        self.encoder_name = self.encoder_pos = None
+        self.returns_encoder = spec.return_encoder_hidden_states_index is not None
+        if self.returns_encoder:
+            if spec.encoder_hidden_states_arg is None:
+                raise DiTCacheConfigError(
+                    "blocks", spec, "an encoder_hidden_states_arg when return_encoder_hidden_states_index is set"
+                )
+            self.encoder_name, self.encoder_pos = _locate_argument(
+                module, spec.encoder_hidden_states_arg, spec.path, "encoder_hidden_states_arg"
+            )
+        self.hidden_index = spec.return_hidden_states_index
+        self.encoder_index = spec.return_encoder_hidden_states_index
+        self.tuple_length = _tuple_length(spec)
+
+    def hidden_in(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        return _argument(args, kwargs, self.hidden_name, self.hidden_pos)
+
+    def encoder_in(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if not self.returns_encoder:
+            return None
+        return _argument(args, kwargs, self.encoder_name, self.encoder_pos)
+
+    def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, encoder) from a block output; checks the output has the declared format."""
+        if self.hidden_index is None:
+            if not isinstance(output, torch.Tensor):
+                raise CacheStateError(
+                    f"a block declared to return a tensor returned {type(output).__name__}; describe its "
+                    "output with BlockSpec(return_hidden_states_index=...)"
+                )
+            return output, None
+        if not isinstance(output, tuple) or len(output) != self.tuple_length:
+            raise CacheStateError(
+                f"a block returned {type(output).__name__} of length {len(output) if isinstance(output, tuple) else '-'}"
+                f"; the cache can only reproduce outputs made of the hidden states (index {self.hidden_index})"
+                f" and encoder states (index {self.encoder_index})"
+            )
+        encoder = output[self.encoder_index] if self.encoder_index is not None else None
+        return output[self.hidden_index], encoder
+
+    def make_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+        if self.hidden_index is None:
+            return hidden
+        items: list[Any] = [None] * self.tuple_length
+        items[self.hidden_index] = hidden
+        if self.encoder_index is not None:
+            items[self.encoder_index] = encoder
+        return tuple(items)
+
+
+@dataclass
+class BlockList:
+    """One ``nn.ModuleList`` of blocks that the cache manages, with its I/O description."""
+
+    path: str
+    blocks: torch.nn.ModuleList
+    io: list[BlockIO]
+
+    def names(self) -> list[str]:
+        return [f"{self.path}.{i}" for i in range(len(self.blocks))]
+
+
+def discover_blocks(model: torch.nn.Module, blocks: BlocksArg = None) -> list[BlockList]:
+    """Resolve the block lists of ``model`` in execution order.
+
+    ``blocks=None`` uses diffusers' block registry on the model's direct ``ModuleList`` children.
+    Otherwise ``blocks`` is a path, a :class:`BlockSpec`, a mapping of BlockSpec fields, or a list
+    of those, one per block list, in the order the model runs them.
+    """
+    specs = _auto_specs(model) if blocks is None else _normalize_specs(blocks)
+    lists = [_resolve_block_list(model, spec) for spec in specs]
+    if not lists or sum(len(bl.blocks) for bl in lists) == 0:
+        raise DiTCacheConfigError(
+            "blocks", blocks, "a spec naming a non-empty nn.ModuleList of transformer blocks",
+            hint="candidate lists in this model: " + (", ".join(_module_list_children(model)) or "none"),
+        )
+    return lists
+
+
+def _auto_specs(model: torch.nn.Module) -> list[BlockSpec]:
+    registry = _diffusers_block_registry()
+    specs = []
+    for name, child in model.named_children():
+        if not isinstance(child, torch.nn.ModuleList) or len(child) == 0:
+            continue
+        metadata = [_registered_metadata(registry, type(block)) for block in child]
+        if any(m is None for m in metadata):
+            continue
+        first = metadata[0]
+        specs.append(_spec_from_diffusers(name, first))
+    if not specs:
+        candidates = _module_list_children(model)
+        raise DiTCacheConfigError(
+            "blocks", None, "a block spec for this model, e.g. blocks='layers'",
+            hint=f"{type(model).__name__} has no block list that diffusers describes"
+                 + (f"; its ModuleList children are: {', '.join(candidates)}" if candidates else ""),
+        )
+    return specs
+
+
+def _spec_from_diffusers(path: str, metadata: Any) -> BlockSpec:
+    encoder_index = metadata.return_encoder_hidden_states_index
+    return BlockSpec(
+        path=path,
+        hidden_states_arg=getattr(metadata, "hidden_states_argument_name", "hidden_states"),
+        encoder_hidden_states_arg=(
+            getattr(metadata, "encoder_hidden_states_argument_name", "encoder_hidden_states")
+            if encoder_index is not None else None
+        ),
+        return_hidden_states_index=metadata.return_hidden_states_index,
+        return_encoder_hidden_states_index=encoder_index,
+    )
+
+
+def _diffusers_block_registry() -> Any:
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except Exception:  # diffusers missing, or too old to have block metadata
+        return None
+    return TransformerBlockRegistry
+
+
+def _registered_metadata(registry: Any, block_class: type) -> Any:
+    if registry is None:
+        return None
+    try:
+        return registry.get(block_class)
+    except ValueError:
+        return None
+
+
+def _normalize_specs(blocks: BlocksArg) -> list[BlockSpec]:
+    items = [blocks] if isinstance(blocks, (str, BlockSpec, Mapping)) else blocks
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not items:
+        raise DiTCacheConfigError("blocks", blocks, "a path, a BlockSpec, a mapping or a non-empty list of them")
+    specs = []
+    for item in items:
+        if isinstance(item, BlockSpec):
+            specs.append(item)
+        elif isinstance(item, str):
+            specs.append(BlockSpec(path=item))
+        elif isinstance(item, Mapping):
+            try:
+                specs.append(BlockSpec(**item))
+            except TypeError as exc:
+                raise DiTCacheConfigError("blocks", dict(item), "BlockSpec fields", hint=str(exc)) from exc
+        else:
+            raise DiTCacheConfigError("blocks", item, "a path string, a BlockSpec or a mapping")
+    return specs
+
+
+def _resolve_block_list(model: torch.nn.Module, spec: BlockSpec) -> BlockList:
+    try:
+        blocks = model.get_submodule(spec.path) if spec.path else None
+    except AttributeError:
+        blocks = None
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise DiTCacheConfigError(
+            "blocks", spec.path, "the path of an nn.ModuleList of blocks in this model",
+            hint="candidates: " + (", ".join(_module_list_children(model)) or "none"),
+        )
+    return BlockList(path=spec.path, blocks=blocks, io=[BlockIO(block, spec) for block in blocks])
+
+
+def _module_list_children(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList) and name]
+
+
+def _locate_argument(module: torch.nn.Module, arg: str | int, path: str, field: str) -> tuple[str | None, int | None]:
+    """(name, position) of a block argument given by name or position."""
+    try:
+        # The class's forward, not the instance attribute: another library may have wrapped it
+        # with a (*args, **kwargs) hook.
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        parameters = []
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if isinstance(arg, bool) or not isinstance(arg, (str, int)):
+        raise DiTCacheConfigError(f"blocks[{path}].{field}", arg, "a parameter name or position")
+    if isinstance(arg, int):
+        name = positional[arg] if 0 <= arg < len(positional) else None
+        return name, arg
+    if arg in positional:
+        return arg, positional.index(arg)
+    if any(p.name == arg and p.kind == p.KEYWORD_ONLY for p in parameters):
+        return arg, None
+    raise DiTCacheConfigError(
+        f"blocks[{path}].{field}", arg,
+        f"a parameter of {type(module).__name__}.forward: {', '.join(p.name for p in parameters)}",
+    )
+
+
+def _argument(args: tuple, kwargs: dict, name: str | None, position: int | None) -> Any:
+    if name is not None and name in kwargs:
+        return kwargs[name]
+    if position is not None and position < len(args):
+        return args[position]
+    raise CacheStateError(f"block called without its '{name or position}' argument")
+
+
+def _tuple_length(spec: BlockSpec) -> int:
+    indices = [i for i in (spec.return_hidden_states_index, spec.return_encoder_hidden_states_index) if i is not None]
+    return max(indices) + 1 if indices else 0

@@ -1,0 +1,140 @@
+"""The backend registry: which backends exist, what each can serve here, and how ``auto`` chooses."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .adapters.base import Backend, StrategySupport
+from .config import BACKENDS, STRATEGIES, DiTCacheConfig
+from .errors import BackendUnavailableError
+
+logger = logging.getLogger("phyai_cache")
+
+_REGISTRY: dict[str, Backend] = {}
+
+# For backend="auto": the backends tried for each strategy, best first. The native engine comes
+# first where it implements the strategy: its lifecycle, CFG handling and stats are our own and its
+# overhead is ours to control; upstream backends serve what it does not implement.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "fbcache": ("native", "cache_dit", "diffusers"),
+    "dbcache": ("native", "cache_dit"),
+    "taylorseer": ("native", "diffusers"),
+    "pab": ("diffusers",),
+    "fastercache": ("diffusers",),
+    "magcache": ("diffusers",),
+}
+
+
+def register_backend(backend: Backend) -> None:
+    if backend.name not in BACKENDS or backend.name == "auto":
+        raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+
+
+def registered_backends() -> dict[str, Backend]:
+    return dict(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class BackendReport:
+    """What one backend offers on this machine."""
+
+    name: str
+    installed: bool
+    version: str | None
+    description: str
+    strategies: dict[str, StrategySupport]
+
+    @property
+    def available_strategies(self) -> list[str]:
+        return [s for s, support in self.strategies.items() if support.available]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "installed": self.installed,
+            "version": self.version,
+            "description": self.description,
+            "strategies": {
+                s: {"available": v.available, "reason": v.reason, "min_version": v.min_version}
+                for s, v in self.strategies.items()
+            },
+        }
+
+
+def list_backends() -> list[BackendReport]:
+    """Every registered backend: installed or not, its version, and per strategy whether it is
+    available at that version and, if not, why."""
+    reports = []
+    for name, backend in _REGISTRY.items():
+        version = backend.version()
+        reports.append(BackendReport(name, version is not None, version, backend.description,
+                                     backend.strategy_support(version)))
+    return reports
+
+
+def resolve_backend(config: DiTCacheConfig) -> Backend:
+    """The backend that will serve ``config``; raises BackendUnavailableError with alternatives."""
+    if config.backend == "auto":
+        return _resolve_auto(config.strategy)
+    backend = _REGISTRY.get(config.backend)
+    if backend is None:
+        raise BackendUnavailableError(
+            f"backend {config.backend!r} has no adapter in this version of phyai_cache; "
+            f"{_alternatives(config.strategy)}"
+        )
+    _require(backend, config.strategy)
+    return backend
+
+
+def _resolve_auto(strategy: str) -> Backend:
+    tried = []
+    for name in AUTO_PREFERENCE[strategy]:
+        backend = _REGISTRY.get(name)
+        if backend is None:
+            continue
+        support = backend.supports(strategy)
+        if support.available:
+            logger.info("phyai_cache: backend=auto chose %r for strategy %r (%s)", name, strategy,
+                        "first choice" if not tried else "; ".join(tried))
+            return backend
+        tried.append(f"{name}: {support.reason}")
+    raise BackendUnavailableError(
+        f"no installed backend can serve strategy {strategy!r}: " + ("; ".join(tried) or "none registered")
+    )
+
+
+def _require(backend: Backend, strategy: str) -> None:
+    version = backend.version()
+    if version is None:
+        raise BackendUnavailableError(
+            f"backend {backend.name!r} is not installed (pip install 'phyai-cache[{backend.name.replace('_', '-')}]'); "
+            f"{_alternatives(strategy)}"
+        )
+    support = backend.strategy_support(version)[strategy]
+    if not support.available:
+        needed = f", needs >= {support.min_version}" if support.min_version else ""
+        raise BackendUnavailableError(
+            f"strategy {strategy!r} is not available on backend {backend.name!r} {version} "
+            f"({support.reason}{needed}); {_alternatives(strategy)}"
+        )
+
+
+def _alternatives(strategy: str) -> str:
+    serving = [f"{r.name} {r.version}" for r in list_backends() if strategy in r.available_strategies]
+    if serving:
+        return f"backends that can serve {strategy!r} here: {', '.join(serving)}"
+    return f"no installed backend can serve {strategy!r}"
+
+
+def _register_builtin_backends() -> None:
+    from .adapters.native import NativeBackend
+
+    register_backend(NativeBackend())
+
+
+_register_builtin_backends()
+
+__all__ = ["AUTO_PREFERENCE", "BackendReport", "list_backends", "register_backend", "resolve_backend", "STRATEGIES"]

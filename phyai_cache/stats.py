@@ -1,0 +1,142 @@
+"""What a cached run did: one :class:`RunStats` per run, the same shape for every backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("phyai_cache")
+
+
+@dataclass
+class StepRecord:
+    """One transformer call: a denoising step of one CFG branch."""
+
+    step: int
+    branch: str
+    decision: str  # "computed" or "cached"
+    reason: str  # why: "warmup", "inactive", "no_cache", "above_threshold", "cached", ...
+    diff: float | None  # the measured decision statistic (relative L1), when it was measured
+    blocks_computed: int
+
+
+@dataclass
+class RunStats:
+    """Counts, timings and memory of one run (one pipeline call or one ``handle.run()`` scope).
+
+    Steps are counted per transformer call: with two CFG branches, 20 denoising steps are 40 steps
+    here, and ``records`` says which branch each belongs to. ``blocks_total`` is what an uncached
+    run would have executed; ``blocks_computed`` counts block forwards that really ran.
+
+    ``peak_memory_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` over the run (the peak is
+    reset at run start); on CPU, the largest resident set size of the process sampled at run start,
+    after each transformer call and at run end (``memory_kind`` says which). ``cache_bytes`` is the
+    largest amount of tensor memory the cache itself held during the run.
+    """
+
+    backend: str
+    strategy: str
+    num_inference_steps: int | None = None
+    steps_total: int = 0
+    steps_computed: int = 0
+    steps_cached: int = 0
+    blocks_total: int = 0
+    blocks_computed: int = 0
+    latency_s: float = 0.0
+    peak_memory_bytes: int | None = None
+    memory_kind: str = "cpu_rss_sampled"
+    cache_bytes: int = 0
+    completed: bool = True
+    records: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def branches(self) -> list[str]:
+        return list(dict.fromkeys(r.branch for r in self.records))
+
+    @property
+    def cached_fraction(self) -> float:
+        return self.steps_cached / self.steps_total if self.steps_total else 0.0
+
+    @property
+    def compute_fraction(self) -> float:
+        """blocks_computed / blocks_total: the ideal time ratio at equal block cost."""
+        return self.blocks_computed / self.blocks_total if self.blocks_total else 1.0
+
+    def add(self, record: StepRecord, blocks_per_call: int) -> None:
+        self.records.append(record)
+        self.steps_total += 1
+        if record.decision == "cached":
+            self.steps_cached += 1
+        else:
+            self.steps_computed += 1
+        self.blocks_total += blocks_per_call
+        self.blocks_computed += record.blocks_computed
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["branches"] = self.branches
+        data["cached_fraction"] = self.cached_fraction
+        data["compute_fraction"] = self.compute_fraction
+        return data
+
+    def summary(self) -> str:
+        memory = "n/a" if self.peak_memory_bytes is None else f"{self.peak_memory_bytes / 2**20:.1f} MiB"
+        status = "" if self.completed else " (run raised)"
+        return (
+            f"phyai_cache {self.backend}/{self.strategy}: {self.steps_cached}/{self.steps_total} steps cached, "
+            f"{self.blocks_computed}/{self.blocks_total} blocks computed, {self.latency_s * 1e3:.1f} ms, "
+            f"peak {memory} ({self.memory_kind}), cache {self.cache_bytes / 2**20:.2f} MiB{status}"
+        )
+
+
+class RunClock:
+    """Latency and peak-memory measurement around one run."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+        self.device = device
+        self.peak_rss = 0
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            self.sample()
+        self.start = time.perf_counter()
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self.peak_rss = max(self.peak_rss, current_rss_bytes())
+
+    def stop(self, stats: RunStats) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        stats.latency_s = time.perf_counter() - self.start
+        if self.cuda:
+            stats.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            stats.memory_kind = "cuda_max_allocated"
+        else:
+            self.sample()
+            stats.peak_memory_bytes = self.peak_rss
+            stats.memory_kind = "cpu_rss_sampled"
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; elsewhere the lifetime peak)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
