@@ -1,0 +1,32 @@
+"""phyai_cache: training-free caching for diffusion transformers, one config for every backend.
+
+Importing this package changes nothing: caching happens only on targets passed to
+:func:`enable_dit_cache` with an enabled config.
+"""
+
+from ._version import __version__
+from .api import CacheHandle, disable_dit_cache, enable_dit_cache, get_cache_handle
+from .blocks import BlockSpec
+from .config import DiTCacheConfig, list_presets, load_config
+from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, PhyaiCacheError
+from .registry import list_backends
+from .stats import RunStats, StepRecord
+
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "BlockSpec",
+    "CacheHandle",
+    "CacheStateError",
+    "DiTCacheConfig",
+    "DiTCacheConfigError",
+    "PhyaiCacheError",
+    "RunStats",
+    "StepRecord",
+    "disable_dit_cache",
+    "enable_dit_cache",
+    "get_cache_handle",
+    "list_backends",
+    "list_presets",
+    "load_config",
+]

@@ -1,0 +1,182 @@
+"""The public entry points: :func:`enable_dit_cache`, :func:`disable_dit_cache`, :class:`CacheHandle`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from .blocks import BlocksArg
+from .config import ConfigSource, DiTCacheConfig, load_config
+from .errors import CacheStateError
+from .lifecycle import HANDLE_ATTR, CacheTarget, Lifecycle, resolve_target
+from .registry import resolve_backend
+from .stats import RunStats
+
+logger = logging.getLogger("phyai_cache")
+
+
+class CacheHandle:
+    """The cache applied to one target.
+
+    Use ``handle.run()`` around one generation of a custom denoising loop and ``handle.branch()``
+    around each CFG branch's transformer call; pipelines get both automatically. ``last_run`` holds
+    the :class:`RunStats` of the most recent run. A handle is also a context manager that disables
+    the cache on exit.
+    """
+
+    def __init__(self, target: CacheTarget, config: DiTCacheConfig, backend: str | None,
+                 lifecycle: Lifecycle | None, plan_description: dict[str, Any] | None = None) -> None:
+        self._target = target
+        self._config = config
+        self._backend = backend
+        self._lifecycle = lifecycle
+        self._description = plan_description or {}
+
+    @property
+    def config(self) -> DiTCacheConfig:
+        return self._config
+
+    @property
+    def backend(self) -> str | None:
+        """The backend serving this cache (``None`` when the config is disabled)."""
+        return self._backend
+
+    @property
+    def enabled(self) -> bool:
+        """True while the cache is installed on the target."""
+        return self._lifecycle is not None
+
+    @property
+    def last_run(self) -> RunStats | None:
+        return self._lifecycle.last_run if self._lifecycle is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        """Config, backend and what the backend installed (e.g. which blocks), for logs."""
+        return {"backend": self._backend, "enabled": self.enabled, "config": self._config.to_dict(),
+                "plan": dict(self._description)}
+
+    @contextlib.contextmanager
+    def run(self, num_inference_steps: int | None = None) -> Iterator[None]:
+        """Scope one generation: cached state is created here and dropped on exit (also on error).
+
+        Outside a run, transformer calls run uncached. ``num_inference_steps`` is recorded in the
+        run's stats. With a disabled config this is a no-op scope.
+        """
+        if self._lifecycle is None:
+            yield
+            return
+        with self._lifecycle.run(num_inference_steps):
+            yield
+
+    @contextlib.contextmanager
+    def branch(self, name: str) -> Iterator[None]:
+        """Mark the transformer calls inside as one CFG branch (e.g. ``"cond"``, ``"uncond"``).
+
+        Each branch keeps its own cached tensors and step counter within the run.
+        """
+        if self._lifecycle is None:
+            yield
+            return
+        with self._lifecycle.branch(name):
+            yield
+
+    def disable(self) -> None:
+        """Remove the cache; the target then behaves exactly as if it had never been enabled."""
+        lifecycle = self._lifecycle
+        if lifecycle is None:
+            return
+        lifecycle.uninstall()
+        assert lifecycle.installation is not None
+        lifecycle.installation.remove()
+        for obj in self._target.objects:
+            if obj.__dict__.get(HANDLE_ATTR) is self:
+                del obj.__dict__[HANDLE_ATTR]
+        self._lifecycle = None
+
+    def __enter__(self) -> CacheHandle:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.disable()
+
+    def __repr__(self) -> str:
+        state = "enabled" if self.enabled else "inactive"
+        return f"CacheHandle({state}, backend={self._backend!r}, strategy={self._config.strategy!r})"
+
+
+def enable_dit_cache(target: Any, config: ConfigSource = None, *, blocks: BlocksArg = None,
+                     **overrides: Any) -> CacheHandle:
+    """Apply a DiT cache to a pipeline or transformer and return its :class:`CacheHandle`.
+
+    ``target``: a diffusers pipeline (caching per pipeline call), a diffusers transformer, or any
+    ``torch.nn.Module`` together with ``blocks=`` naming its block lists (custom loops scope each
+    generation with ``handle.run()``). ``config``: a :class:`DiTCacheConfig`, a mapping, a YAML path
+    or a preset name; ``overrides`` are config fields applied on top.
+
+    A config with ``enabled=False`` (the default) changes nothing. Every check runs before the
+    target is touched: on any error the target is left exactly as it was.
+    """
+    resolved = load_config(config, **overrides)
+    cache_target = resolve_target(target)
+    _ensure_not_enabled(cache_target)
+    if not resolved.enabled:
+        _log_disabled(resolved, overrides)
+        return CacheHandle(cache_target, resolved, None, None)
+
+    backend = resolve_backend(resolved)
+    plan = backend.prepare(cache_target, resolved, blocks)  # validation only, nothing changed yet
+    lifecycle = Lifecycle(cache_target, resolved, backend.name)
+    installation = plan.install(lifecycle)
+    try:
+        lifecycle.install(installation)
+    except BaseException:
+        installation.remove()
+        raise
+    handle = CacheHandle(cache_target, resolved, backend.name, lifecycle, plan.describe())
+    for obj in cache_target.objects:
+        obj.__dict__[HANDLE_ATTR] = handle
+    logger.info("phyai_cache: enabled %s/%s on %s (%s)", backend.name, resolved.strategy,
+                type(cache_target.pipeline or cache_target.transformer).__name__, plan.describe())
+    return handle
+
+
+def disable_dit_cache(target: Any) -> None:
+    """Remove the cache from ``target`` (the object passed to :func:`enable_dit_cache`, or the
+    transformer of a cached pipeline). A target without a cache is left alone."""
+    handle = get_cache_handle(target)
+    if handle is not None:
+        handle.disable()
+
+
+def get_cache_handle(target: Any) -> CacheHandle | None:
+    """The active :class:`CacheHandle` of ``target``, or None."""
+    return getattr(target, "__dict__", {}).get(HANDLE_ATTR)
+
+
+def _ensure_not_enabled(target: CacheTarget) -> None:
+    for obj in target.objects:
+        if get_cache_handle(obj) is not None:
+            raise CacheStateError(
+                f"phyai_cache is already enabled on this {type(obj).__name__}; "
+                "call disable_dit_cache(target) before enabling again"
+            )
+    transformer = target.transformer
+    if getattr(transformer, "is_cache_enabled", False):
+        raise CacheStateError(
+            f"{type(transformer).__name__} already has a diffusers cache enabled "
+            "(transformer.enable_cache); disable it first"
+        )
+    if getattr(transformer, "_is_cached", False) or "_context_manager" in getattr(target.pipeline, "__dict__", {}):
+        raise CacheStateError(
+            f"{type(transformer).__name__} already has a Cache-DiT cache; call cache_dit.disable_cache first"
+        )
+
+
+def _log_disabled(config: DiTCacheConfig, overrides: dict[str, Any]) -> None:
+    if overrides and set(overrides) != {"enabled"}:
+        logger.warning("phyai_cache: config has settings (%s) but enabled=False; the target is unchanged",
+                       ", ".join(sorted(overrides)))
+    else:
+        logger.info("phyai_cache: cache disabled by config (enabled=False); the target is unchanged")
