@@ -1,0 +1,17 @@
+"""Test helpers: tiny random-weight, offline diffusers pipelines (see :mod:`phyai_cache.testing.tiny`)."""
+
+from phyai_cache.testing.tiny import (
+    DEFAULT_RESOLUTION,
+    FAMILIES,
+    TinyPipeline,
+    build_tiny_pipeline,
+    count_transformer_calls,
+)
+
+__all__ = [
+    "DEFAULT_RESOLUTION",
+    "FAMILIES",
+    "TinyPipeline",
+    "build_tiny_pipeline",
+    "count_transformer_calls",
+]
