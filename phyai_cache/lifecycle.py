@@ -83,6 +83,8 @@ class CallInfo:
     reason: str = ""
     diff: float | None = None
     scratch: Any = None  # the backend's per-call working state
+    args: tuple = ()  # the transformer call's own arguments (references, not copies)
+    kwargs: dict[str, Any] | None = None
 
 
 class RunState:
@@ -97,10 +99,10 @@ class RunState:
         self._step_key: Any = None
         self._calls_in_step = 0
 
-    def begin_call(self, branch: str) -> CallInfo:
+    def begin_call(self, branch: str, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CallInfo:
         step = self._branch_steps.get(branch, 0)
         self._branch_steps[branch] = step + 1
-        self.current = CallInfo(branch=branch, step=step)
+        self.current = CallInfo(branch=branch, step=step, args=args, kwargs=kwargs)
         return self.current
 
     def end_call(self, call: CallInfo, blocks_per_call: int) -> None:
@@ -172,6 +174,11 @@ class Lifecycle:
             patch.restore()
         self._patches.clear()
 
+    @property
+    def pipeline_context_name(self) -> str | None:
+        """The diffusers ``cache_context`` name the pipeline has entered, if any."""
+        return self._context_name
+
     def current_call(self) -> CallInfo | None:
         run = self.run_state
         return run.current if run is not None else None
@@ -225,9 +232,10 @@ class Lifecycle:
                 if run is None:
                     self._warn_outside_run()
                 return original(*args, **kwargs)
-            call = run.begin_call(self._branch_for_call(run, kwargs))
+            call = run.begin_call(self._branch_for_call(run, kwargs), args, kwargs)
             try:
-                return original(*args, **kwargs)
+                with self.installation.call_context(call):
+                    return original(*args, **kwargs)
             finally:
                 run.end_call(call, self.installation.blocks_per_call)
 

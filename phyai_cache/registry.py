@@ -130,9 +130,25 @@ def _alternatives(strategy: str) -> str:
 
 
 def _register_builtin_backends() -> None:
-    from .adapters.native import NativeBackend
+    """Register the shipped adapters. Importing an adapter never imports its library: that happens
+    only when the backend is used, so phyai deployments without diffusers or cache-dit still work."""
+    import importlib
 
-    register_backend(NativeBackend())
+    for module_name, class_name in _BUILTIN_ADAPTERS:
+        try:
+            module = importlib.import_module(module_name, __package__)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.startswith(__package__):  # adapter not shipped in this build
+                continue
+            raise
+        register_backend(getattr(module, class_name)())
+
+
+_BUILTIN_ADAPTERS = (
+    (".adapters.native", "NativeBackend"),
+    (".adapters.diffusers", "DiffusersBackend"),
+    (".adapters.cache_dit", "CacheDiTBackend"),
+)
 
 
 _register_builtin_backends()

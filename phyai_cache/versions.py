@@ -18,6 +18,9 @@ BACKEND_DISTRIBUTIONS: dict[str, str] = {"diffusers": "diffusers", "cache_dit": 
 # see docs/architecture.md). A feature absent from a backend's table does not exist there.
 MIN_VERSIONS: dict[str, dict[str, str]] = {
     "diffusers": {
+        "cache_mixin": "0.33.0",
+        "cache_context": "0.35.0",
+        "cache_context_kwargs": "0.41.0",
         "pab": "0.33.0",
         "fastercache": "0.33.0",
         "fbcache": "0.35.0",

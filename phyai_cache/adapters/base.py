@@ -15,15 +15,16 @@ run can never see an old run's tensors.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
 from ..config import STRATEGIES, DiTCacheConfig
 from ..versions import backend_version
 
 if TYPE_CHECKING:
-    from ..lifecycle import CacheTarget, Lifecycle, RunState
+    from ..lifecycle import CacheTarget, CallInfo, Lifecycle, RunState
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,14 @@ class Installation(ABC):
 
     def end_run(self, run: RunState) -> None:
         """Called when a run ends, also when it raised; must drop all per-run backend state."""
+
+    def call_context(self, call: CallInfo) -> ContextManager[None]:
+        """Entered around each transformer call of a run, after its branch and step are known.
+
+        Upstream adapters use it to set the backend's own per-call state (e.g. a diffusers
+        ``cache_context`` for pipelines that never set one) and to record ``call.decision``.
+        """
+        return contextlib.nullcontext()
 
     @abstractmethod
     def remove(self) -> None:
