@@ -32,11 +32,11 @@ MAX_TAYLORSEER_ORDER = 4
 # Which unified fields carry a meaning for which strategy. Setting a field that a strategy does not
 # use is an error, never silently ignored. ``enabled``, ``backend``, ``strategy``, ``separate_cfg``
 # and ``options`` apply to every strategy.
-_STEP_SCHEDULE = ("warmup_steps", "active_steps", "max_cached_steps", "max_consecutive_cached")
+_STEP_SCHEDULE = ("warmup_steps", "active_steps", "max_cached_steps", "max_consecutive_cached", "compute_mask")
 STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
     "fbcache": ("threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order"),
     "dbcache": ("threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order"),
-    "taylorseer": ("taylorseer_order", "warmup_steps", "active_steps"),
+    "taylorseer": ("taylorseer_order", "cache_interval", "compute_mask", "warmup_steps", "active_steps"),
     "pab": ("active_steps",),
     "fastercache": ("active_steps",),
     "magcache": ("threshold", "warmup_steps", "active_steps", "max_consecutive_cached"),
@@ -47,7 +47,7 @@ STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
 STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
     "fbcache": {"threshold": 0.12, "front_blocks": 1, "back_blocks": 0, "warmup_steps": 2},
     "dbcache": {"threshold": 0.12, "front_blocks": 1, "back_blocks": 1, "warmup_steps": 2},
-    "taylorseer": {"taylorseer_order": 1, "warmup_steps": 2},
+    "taylorseer": {"taylorseer_order": 1, "cache_interval": 3, "warmup_steps": 2},
     "pab": {},
     "fastercache": {},
     "magcache": {"threshold": 0.06, "warmup_steps": 2, "max_consecutive_cached": 3},
@@ -89,7 +89,13 @@ class DiTCacheConfig:
     max_cached_steps, max_consecutive_cached:
         Caps per run and branch; ``None`` means unlimited.
     taylorseer_order:
-        Order of the Taylor forecaster applied to cached residuals; ``None`` turns it off.
+        Order of the Taylor forecaster applied to cached residuals (0 = plain reuse, 1 = linear,
+        ...); ``None`` turns it off.
+    cache_interval:
+        Static schedules (taylorseer): after warmup, compute every N-th step and forecast between.
+    compute_mask:
+        Per-step list of 1 (must compute) and 0 (may use the cache: by threshold for fbcache/dbcache,
+        always for taylorseer); steps past its end compute. A string such as "1110110" works too.
     separate_cfg:
         ``True``: each CFG branch decides on its own; ``False``: the first branch of a step decides
         for all branches (state is still kept per branch); ``"auto"``: the backend's best choice.
@@ -108,6 +114,8 @@ class DiTCacheConfig:
     max_cached_steps: int | None = None
     max_consecutive_cached: int | None = None
     taylorseer_order: int | None = None
+    cache_interval: int | None = None
+    compute_mask: tuple[int, ...] | None = None
     separate_cfg: SeparateCFG = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -138,9 +146,16 @@ class DiTCacheConfig:
             if value is not None:
                 self._set(name, _check_int(name, value, minimum=minimum))
         if self.taylorseer_order is not None:
-            order = _check_int("taylorseer_order", self.taylorseer_order, minimum=1,
+            order = _check_int("taylorseer_order", self.taylorseer_order, minimum=0,
                                maximum=MAX_TAYLORSEER_ORDER, hint="use null to turn the forecaster off")
             self._set("taylorseer_order", order)
+        if self.cache_interval is not None:
+            self._set("cache_interval", _check_int("cache_interval", self.cache_interval, minimum=1))
+        if self.compute_mask is not None:
+            self._set("compute_mask", _check_compute_mask(self.compute_mask))
+            if self.cache_interval is not None:
+                raise DiTCacheConfigError("cache_interval", self.cache_interval, "null when compute_mask is set",
+                                          hint="a compute mask already fixes which steps compute")
         if self.active_steps is not None:
             self._set("active_steps", _check_active_steps(self.active_steps))
         if not (isinstance(self.separate_cfg, bool) or self.separate_cfg == "auto"):
@@ -170,6 +185,8 @@ class DiTCacheConfig:
     def _fill_strategy_defaults(self) -> None:
         used = STRATEGY_FIELDS[self.strategy]
         for name, default in STRATEGY_DEFAULTS[self.strategy].items():
+            if name == "cache_interval" and self.compute_mask is not None:
+                continue  # the mask is the schedule
             if getattr(self, name) is None:
                 self._set(name, default)
         if "active_steps" in used and self.active_steps is None:
@@ -195,6 +212,7 @@ class DiTCacheConfig:
         """Plain, YAML/JSON-friendly dict of every field, defaults filled in."""
         data = asdict(self)
         data["active_steps"] = list(self.active_steps) if self.active_steps is not None else None
+        data["compute_mask"] = list(self.compute_mask) if self.compute_mask is not None else None
         data["options"] = _plain(self.options)
         return data
 
@@ -222,7 +240,7 @@ class DiTCacheConfig:
 
 _BACKEND_ALIASES = {"cache-dit": "cache_dit", "cachedit": "cache_dit"}
 _ALL_STRATEGY_FIELDS = (
-    "threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order",
+    "threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order", "cache_interval",
 )
 _STRATEGY_INDEPENDENT_FIELDS = ("enabled", "backend", "strategy", "separate_cfg", "options")
 
@@ -392,6 +410,17 @@ def _check_active_steps(value: Any) -> tuple[int, int | None]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_compute_mask(value: Any) -> tuple[int, ...]:
+    allowed = "a non-empty list of 0/1 per step (1 = must compute), or a string like '1110110'"
+    if isinstance(value, str):
+        if not value or set(value) - {"0", "1"}:
+            raise DiTCacheConfigError("compute_mask", value, allowed)
+        return tuple(int(c) for c in value)
+    if isinstance(value, (list, tuple)) and value and all(_is_int(v) and v in (0, 1) for v in value):
+        return tuple(int(v) for v in value)
+    raise DiTCacheConfigError("compute_mask", value, allowed)
 
 
 def _check_options(value: Any) -> dict[str, Any]:

@@ -60,8 +60,14 @@ def test_round_trip_dict_and_yaml(strategy):
         ({"active_steps": 3}, "active_steps", "[start, end]"),
         ({"active_steps": "0-10"}, "active_steps", "[start, end]"),
         ({"max_cached_steps": -1}, "max_cached_steps", "or null"),
-        ({"taylorseer_order": 0}, "taylorseer_order", "null to turn"),
-        ({"taylorseer_order": 9}, "taylorseer_order", "from 1 to 4"),
+        ({"taylorseer_order": -1}, "taylorseer_order", "null to turn"),
+        ({"taylorseer_order": 9}, "taylorseer_order", "from 0 to 4"),
+        ({"compute_mask": "11a1"}, "compute_mask", "0/1"),
+        ({"compute_mask": [1, 2]}, "compute_mask", "0/1"),
+        ({"compute_mask": []}, "compute_mask", "non-empty"),
+        ({"strategy": "taylorseer", "cache_interval": 0}, "cache_interval", ">= 1"),
+        ({"strategy": "taylorseer", "cache_interval": 2, "compute_mask": "101"}, "cache_interval", "null when"),
+        ({"cache_interval": 2}, "cache_interval", "null"),
         ({"separate_cfg": "sometimes"}, "separate_cfg", "'auto'"),
         ({"options": [1, 2]}, "options", "mapping"),
         ({"options": {"x": float("nan")}}, "options.x", "finite"),
@@ -77,6 +83,13 @@ def test_bad_values_name_field_value_and_allowed(changes, field, allowed_part):
     assert error.field == field
     assert f"dit_cache.{field}" in str(error)
     assert allowed_part in str(error)
+
+
+def test_compute_mask_accepts_strings_and_lists():
+    assert DiTCacheConfig(compute_mask="1101").compute_mask == (1, 1, 0, 1)
+    assert DiTCacheConfig(compute_mask=[1, 0]).to_dict()["compute_mask"] == [1, 0]
+    taylor = DiTCacheConfig(strategy="taylorseer", compute_mask="110")
+    assert taylor.cache_interval is None  # the mask is the schedule: no interval default
 
 
 def test_backend_aliases_and_case():

@@ -1,7 +1,9 @@
 """The native backend: phyai_cache's own engine, for any transformer, with no extra dependency.
 
-Strategies: ``fbcache`` (first-block cache, Fn=1 Bn=0) and ``dbcache`` (Fn front blocks decide,
-Bn back blocks always run). See :mod:`.chain` for the mechanism and :mod:`.policy` for the decision.
+Strategies: ``fbcache`` (first-block cache, Fn=1 Bn=0), ``dbcache`` (Fn front blocks decide, Bn back
+blocks always run), both optionally with a TaylorSeer forecaster (``taylorseer_order``), and
+``taylorseer`` (scheduled: compute every ``cache_interval``-th step or per ``compute_mask``, forecast
+between). See :mod:`.chain` for the mechanism and :mod:`.policy` for the decision.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..base import Backend, Installation, Plan, StrategySupport, all_strategies,
 from .chain import ChainInstallation, ChainLayout
 from .policy import StepSchedule
 
-NATIVE_STRATEGIES = ("fbcache", "dbcache")
+NATIVE_STRATEGIES = ("fbcache", "dbcache", "taylorseer")
 
 
 class NativePlan(Plan):
@@ -27,7 +29,8 @@ class NativePlan(Plan):
 
     def install(self, lifecycle: Lifecycle) -> Installation:
         separate = self.config.separate_cfg is not False  # "auto" -> separate: always correct
-        return ChainInstallation(self.layout, StepSchedule(self.config), separate, lifecycle)
+        return ChainInstallation(self.layout, StepSchedule(self.config), separate, lifecycle,
+                                 forecast_order=self.config.taylorseer_order)
 
     def describe(self) -> dict[str, Any]:
         layout = self.layout
@@ -55,23 +58,26 @@ class NativeBackend(Backend):
         return all_strategies(support)
 
     def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: BlocksArg = None) -> NativePlan:
-        if config.taylorseer_order is not None:
-            raise DiTCacheConfigError(
-                "taylorseer_order", config.taylorseer_order, "null on backend 'native' in this release",
-                hint="the native TaylorSeer forecaster is not implemented yet",
-            )
         if config.options:
             name = next(iter(config.options))
             raise DiTCacheConfigError(f"options.{name}", config.options[name], "no options: backend 'native' has none")
         lists = discover_blocks(target.transformer, blocks)
         total = sum(len(block_list.blocks) for block_list in lists)
-        _check_block_counts(config, total)
-        return NativePlan(ChainLayout(lists, config.front_blocks, config.back_blocks), config)
+        front, back = _block_counts(config)
+        _check_block_counts(front, back, total)
+        return NativePlan(ChainLayout(lists, front, back), config)
 
 
-def _check_block_counts(config: DiTCacheConfig, total: int) -> None:
+def _block_counts(config: DiTCacheConfig) -> tuple[int, int]:
+    """(Fn, Bn). Scheduled TaylorSeer decides without measuring, so it runs no front block and
+    forecasts the whole chain."""
+    if config.strategy == "taylorseer":
+        return 0, 0
+    return config.front_blocks, config.back_blocks
+
+
+def _check_block_counts(front: int, back: int, total: int) -> None:
     """At least one middle block must remain between the front and back blocks, or nothing is cached."""
-    front, back = config.front_blocks, config.back_blocks
     if front + back < total:
         return
     if front >= total:

@@ -30,11 +30,15 @@ from ...blocks import BlockIO, BlockList
 from ...errors import CacheStateError
 from ...lifecycle import CallInfo, Lifecycle, RunState
 from ..base import Installation
-from .policy import CACHED, BranchCache, StepSchedule, relative_l1
+from .policy import CACHED, BranchCache, ResidualHistory, StepSchedule, relative_l1
 
 
 class ChainLayout:
-    """The role of every block position for a given number of front and back blocks."""
+    """The role of every block position for a given number of front and back blocks.
+
+    With ``front_blocks=0`` (scheduled strategies) nothing runs before the decision, which is then
+    taken when the chain starts.
+    """
 
     def __init__(self, lists: list[BlockList], front_blocks: int, back_blocks: int) -> None:
         self.modules: list[torch.nn.Module] = []
@@ -97,11 +101,13 @@ class ChainInstallation(Installation):
     """The native engine applied to one transformer."""
 
     def __init__(self, layout: ChainLayout, schedule: StepSchedule, separate_cfg: bool,
-                 lifecycle: Lifecycle) -> None:
+                 lifecycle: Lifecycle, forecast_order: int | None = None) -> None:
         self.layout = layout
         self.schedule = schedule
         self.separate_cfg = separate_cfg
         self.lifecycle = lifecycle
+        self.forecast_order = forecast_order
+        self.measured = layout.front_blocks > 0  # else: scheduled, decided when the chain starts
         self.blocks_per_call = len(layout)
         self._patches: list[InstancePatch] = []
         try:
@@ -138,6 +144,10 @@ class ChainInstallation(Installation):
             if position == 0:
                 state.chain_input = io.hidden_in(args, kwargs)
                 state.key = _cache_key(state.chain_input, io.encoder_in(args, kwargs))
+                if not self.measured:
+                    state.skip = self._decide(call, state, None)
+                    if state.skip:
+                        return self._reuse(position, io, args, kwargs, state)
             segment = layout.segment_start.get(position)
             if segment is not None:
                 state.segment_inputs[segment] = (io.hidden_in(args, kwargs), io.encoder_in(args, kwargs))
@@ -173,23 +183,21 @@ class ChainInstallation(Installation):
 
     # -- decision -------------------------------------------------------------------------------
 
-    def _decide(self, call: CallInfo, state: ChainCall, front_output: torch.Tensor) -> bool:
-        if front_output.shape != state.chain_input.shape:
-            raise CacheStateError(
-                f"the front blocks change the hidden-state shape ({tuple(state.chain_input.shape)} -> "
-                f"{tuple(front_output.shape)}); use fewer front_blocks so the decision residual is defined"
-            )
-        residual = front_output - state.chain_input
+    def _decide(self, call: CallInfo, state: ChainCall, front_output: torch.Tensor | None) -> bool:
+        """Take this call's decision (after the front blocks, or at the chain start if scheduled)."""
+        residual = self._front_residual(state, front_output) if self.measured else None
         cache = state.cache
-        reason = self.schedule.gate(call.step, cache, state.key, self.layout.num_segments)
+        reason = self.schedule.gate(call.step, cache, state.key, self.layout.num_segments, self.measured)
         leader = self._leader(call)
         if reason is None and leader is not None:
             reason = CACHED if leader[1] else f"follows_{leader[0]}"
-        elif reason is None:
+        elif reason is None and self.measured:
             call.diff = relative_l1(residual, cache.decision_residual)
             reason = self.schedule.judge(call.diff)
             if reason == CACHED:
                 reason = self.schedule.limit(cache) or CACHED
+        elif reason is None:
+            reason = CACHED
         skip = reason == CACHED
         if not self.separate_cfg and leader is None:
             self.lifecycle.run_state.backend_state.shared_decisions[call.step] = (call.branch, skip)
@@ -197,10 +205,17 @@ class ChainInstallation(Installation):
         cache.record(skip)
         if not skip:
             if state.key != cache.key:
-                cache.segment_residuals.clear()
-                cache.key = state.key
+                cache.invalidate(state.key)
             cache.decision_residual = residual
         return skip
+
+    def _front_residual(self, state: ChainCall, front_output: torch.Tensor) -> torch.Tensor:
+        if front_output.shape != state.chain_input.shape:
+            raise CacheStateError(
+                f"the front blocks change the hidden-state shape ({tuple(state.chain_input.shape)} -> "
+                f"{tuple(front_output.shape)}); use fewer front_blocks so the decision residual is defined"
+            )
+        return front_output - state.chain_input
 
     def _leader(self, call: CallInfo) -> tuple[str, bool] | None:
         """With shared CFG decisions, the (branch, skip) that another branch took at this step."""
@@ -215,10 +230,11 @@ class ChainInstallation(Installation):
         hidden, encoder = io.hidden_in(args, kwargs), io.encoder_in(args, kwargs)
         segment = self.layout.segment_start.get(position)
         if segment is not None:
-            hidden_residual, encoder_residual = state.cache.segment_residuals[segment]
-            hidden = hidden + hidden_residual
-            if encoder_residual is not None and encoder is not None:
-                encoder = encoder + encoder_residual
+            step = self.lifecycle.run_state.current.step
+            hidden_history, encoder_history = state.cache.segments[segment]
+            hidden = hidden + hidden_history.predict(step)
+            if encoder_history is not None and encoder is not None:
+                encoder = encoder + encoder_history.predict(step)
         return io.make_output(hidden, encoder)
 
     def _store_residual(self, segment: int, io: BlockIO, output: Any, state: ChainCall) -> None:
@@ -229,11 +245,17 @@ class ChainInstallation(Installation):
                 f"blocks up to {self.layout.names[self._segment_end_position(segment)]} change the hidden-state "
                 "shape inside one block list; such a list cannot be skipped as a whole"
             )
-        encoder_residual = None
-        if encoder_out is not None and encoder_in is not None:
-            encoder_residual = encoder_out - encoder_in
-        state.cache.segment_residuals[segment] = (hidden_out - hidden_in, encoder_residual)
         run = self.lifecycle.run_state
+        step = run.current.step
+        has_encoder = encoder_out is not None and encoder_in is not None
+        histories = state.cache.segments.get(segment)
+        if histories is None:
+            histories = (ResidualHistory(self.forecast_order),
+                         ResidualHistory(self.forecast_order) if has_encoder else None)
+            state.cache.segments[segment] = histories
+        histories[0].update(step, hidden_out - hidden_in)
+        if has_encoder and histories[1] is not None:
+            histories[1].update(step, encoder_out - encoder_in)
         run.note_cache_bytes(run.backend_state.nbytes())
 
     def _segment_end_position(self, segment: int) -> int:

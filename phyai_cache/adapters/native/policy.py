@@ -1,18 +1,26 @@
-"""When may a step reuse the cache? The step schedule and the threshold test.
+"""When may a step reuse the cache, and what does it reuse?
 
-The decision statistic is the relative L1 change of the front blocks' residual (output minus input
-of the first ``front_blocks`` blocks, hidden states only) against the same residual at the *last
-computed* step of the same run and branch::
+Two kinds of decision:
 
-    diff = mean(|r_t - r_last|) / mean(|r_last|)        cache when diff < threshold
+* measured (fbcache, dbcache): the relative L1 change of the front blocks' residual (output minus
+  input of the first ``front_blocks`` blocks, hidden states only) against the same residual at the
+  *last computed* step of the same run and branch::
 
-Comparing against the last computed step (not the previous step) lets drift accumulate over a
-streak of cached steps, so a streak ends by itself. This is the statistic of diffusers'
-FirstBlockCache and Cache-DiT's DBCache, so equal thresholds mean the same thing on every backend.
+      diff = mean(|r_t - r_last|) / mean(|r_last|)        cache when diff < threshold
+
+  Comparing against the last computed step lets drift accumulate over a streak of cached steps, so
+  a streak ends by itself. This is the statistic of diffusers' FirstBlockCache and Cache-DiT's
+  DBCache, so equal thresholds mean the same thing on every backend.
+* scheduled (taylorseer): no measurement; after warmup every ``cache_interval``-th step computes
+  (or the ``compute_mask`` says which) and the steps between are forecast.
+
+What a cached step reuses is a :class:`ResidualHistory`: the last computed residual, or with a
+Taylor forecaster of order k a finite-difference extrapolation from the last k+1 computed steps.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,19 +31,61 @@ from ...stats import tensor_bytes
 CACHED = "cached"
 
 
+class ResidualHistory:
+    """A cached residual over computed steps; ``predict(step)`` gives the value to reuse.
+
+    ``order=None`` (or 0) reuses the last value. ``order=k`` keeps the value and its first k
+    divided differences over computed steps (TaylorSeer) and extrapolates
+    ``sum_i f_i * (step - last)^i / i!``. Half-precision factors are kept in float32: finite
+    differences of nearly equal bf16 tensors would lose every significant bit.
+    """
+
+    def __init__(self, order: int | None) -> None:
+        self.order = order or 0
+        self.factors: list[torch.Tensor] = []
+        self.last_step: int | None = None
+        self.output_dtype: torch.dtype | None = None
+
+    def update(self, step: int, value: torch.Tensor) -> None:
+        if self.order == 0:
+            self.factors, self.last_step = [value], step
+            return
+        self.output_dtype = value.dtype
+        value = value.float() if value.element_size() < 4 else value
+        new = [value]
+        if self.factors and self.last_step is not None and step > self.last_step:
+            gap = step - self.last_step
+            for previous in self.factors[: self.order]:
+                new.append((new[-1] - previous) / gap)
+        self.factors, self.last_step = new, step
+
+    def predict(self, step: int) -> torch.Tensor:
+        value = self.factors[0]
+        if len(self.factors) > 1:
+            gap = step - self.last_step
+            for i, factor in enumerate(self.factors[1:], start=1):
+                value = value + factor * (gap**i / math.factorial(i))
+        if self.output_dtype is not None and value.dtype != self.output_dtype:
+            value = value.to(self.output_dtype)
+        return value
+
+    def nbytes(self) -> int:
+        return tensor_bytes(*self.factors)
+
+
 @dataclass
 class BranchCache:
     """The cached tensors and counters of one branch in one run."""
 
     key: tuple | None = None  # shape/dtype/device the tensors below were made for
     decision_residual: torch.Tensor | None = None  # front-block residual at the last computed step
-    segment_residuals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    segments: dict[int, tuple[ResidualHistory, ResidualHistory | None]] = field(default_factory=dict)
     cached_total: int = 0
     consecutive_cached: int = 0
 
     def nbytes(self) -> int:
-        residuals = [t for pair in self.segment_residuals.values() for t in pair]
-        return tensor_bytes(self.decision_residual, *residuals)
+        histories = [h for pair in self.segments.values() for h in pair if h is not None]
+        return tensor_bytes(self.decision_residual) + sum(h.nbytes() for h in histories)
 
     def record(self, cached: bool) -> None:
         if cached:
@@ -44,27 +94,45 @@ class BranchCache:
         else:
             self.consecutive_cached = 0
 
+    def invalidate(self, key: tuple) -> None:
+        self.key = key
+        self.decision_residual = None
+        self.segments.clear()
+
 
 class StepSchedule:
-    """The config's step rules: warmup, active range, per-run caps."""
+    """The config's step rules: warmup, active range, compute mask, interval and per-run caps."""
 
     def __init__(self, config: DiTCacheConfig) -> None:
         self.threshold = config.threshold
         self.warmup_steps = config.warmup_steps or 0
         self.start, self.end = config.active_steps or (0, None)
+        self.mask = config.compute_mask
+        self.interval = config.cache_interval
         self.max_cached = config.max_cached_steps
         self.max_consecutive = config.max_consecutive_cached
 
-    def gate(self, step: int, cache: BranchCache, key: tuple, segments: int) -> str | None:
-        """Why this step must compute without even measuring, or None if it may cache."""
+    def must_compute(self, step: int) -> str | None:
+        """Why the schedule alone forces this step to compute, or None."""
         if step < self.warmup_steps:
             return "warmup"
         if step < self.start or (self.end is not None and step >= self.end):
             return "inactive"
-        if cache.decision_residual is None or len(cache.segment_residuals) < segments:
-            return "no_cache"
+        if self.mask is not None and (step >= len(self.mask) or self.mask[step] == 1):
+            return "mask"
+        if self.interval is not None and (step - max(self.warmup_steps, self.start)) % self.interval == 0:
+            return "interval"
+        return None
+
+    def gate(self, step: int, cache: BranchCache, key: tuple, segments: int, measured: bool) -> str | None:
+        """Why this step must compute without measuring anything, or None if it may cache."""
+        reason = self.must_compute(step)
+        if reason is not None:
+            return reason
         if key != cache.key:
-            return "shape_changed"
+            return "shape_changed" if cache.key is not None else "no_cache"
+        if len(cache.segments) < segments or (measured and cache.decision_residual is None):
+            return "no_cache"
         return None
 
     def limit(self, cache: BranchCache) -> str | None:
