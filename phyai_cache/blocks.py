@@ -66,6 +66,10 @@ class BlockIO:
         self.hidden_index = spec.return_hidden_states_index
         self.encoder_index = spec.return_encoder_hidden_states_index
         self.tuple_length = _tuple_length(spec)
+        # diffusers describes some tensor-returning blocks with hidden index 0 (it checks the type at
+        # run time), so a bare tensor is accepted when no encoder stream is returned; the format seen
+        # on a computed step is the one reproduced on cached steps.
+        self.returns_tuple = self.hidden_index is not None
 
     def hidden_in(self, args: tuple, kwargs: dict) -> torch.Tensor:
         return _argument(args, kwargs, self.hidden_name, self.hidden_pos)
@@ -75,8 +79,15 @@ class BlockIO:
             return None
         return _argument(args, kwargs, self.encoder_name, self.encoder_pos)
 
+    def observe(self, output: Any) -> None:
+        """Remember the output format of a computed call, to reproduce it on cached calls."""
+        self.returns_tuple = isinstance(output, tuple)
+
     def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden, encoder) from a block output; checks the output has the declared format."""
+        if isinstance(output, torch.Tensor) and self.encoder_index is None:
+            self.returns_tuple = False
+            return output, None
         if self.hidden_index is None:
             if not isinstance(output, torch.Tensor):
                 raise CacheStateError(
@@ -84,6 +95,7 @@ class BlockIO:
                     "output with BlockSpec(return_hidden_states_index=...)"
                 )
             return output, None
+        self.returns_tuple = True
         if not isinstance(output, tuple) or len(output) != self.tuple_length:
             raise CacheStateError(
                 f"a block returned {type(output).__name__} of length {len(output) if isinstance(output, tuple) else '-'}"
@@ -94,7 +106,7 @@ class BlockIO:
         return output[self.hidden_index], encoder
 
     def make_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
-        if self.hidden_index is None:
+        if not self.returns_tuple:
             return hidden
         items: list[Any] = [None] * self.tuple_length
         items[self.hidden_index] = hidden

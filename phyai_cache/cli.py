@@ -58,7 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: on shared cores more threads make timings erratic)")
     demo.set_defaults(func=cmd_demo)
+    _add_extension_commands(commands)
     return parser
+
+
+def _add_extension_commands(commands: Any) -> None:
+    """Subcommands that live with their feature (e.g. ``bench``/``tune`` in phyai_cache.bench)."""
+    import importlib
+
+    for module_name in ("phyai_cache.bench.cli",):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and module_name.startswith(error.name):
+                continue  # feature not present in this build
+            raise
+        module.add_commands(commands)
 
 
 def cmd_backends(args: argparse.Namespace) -> int:

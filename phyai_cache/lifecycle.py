@@ -105,9 +105,11 @@ class RunState:
         self.current = CallInfo(branch=branch, step=step, args=args, kwargs=kwargs)
         return self.current
 
-    def end_call(self, call: CallInfo, blocks_per_call: int) -> None:
+    def end_call(self, call: CallInfo, blocks_per_call: int, raised: bool = False) -> None:
         self.current = None
-        if call.decision is None:  # backends that do not report decisions: infer from block counts
+        if raised and call.decision is None:
+            call.decision, call.reason = "computed", "raised"
+        elif call.decision is None:  # backends that do not report decisions: infer from block counts
             call.decision = "cached" if call.blocks_computed < blocks_per_call else "computed"
         self.stats.add(
             StepRecord(call.step, call.branch, call.decision, call.reason, call.diff, call.blocks_computed),
@@ -233,11 +235,14 @@ class Lifecycle:
                     self._warn_outside_run()
                 return original(*args, **kwargs)
             call = run.begin_call(self._branch_for_call(run, kwargs), args, kwargs)
+            raised = True
             try:
                 with self.installation.call_context(call):
-                    return original(*args, **kwargs)
+                    output = original(*args, **kwargs)
+                raised = False
+                return output
             finally:
-                run.end_call(call, self.installation.blocks_per_call)
+                run.end_call(call, self.installation.blocks_per_call, raised)
 
         return forward
 

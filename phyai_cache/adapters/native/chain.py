@@ -20,6 +20,7 @@ around the blocks, never inside them, so blocks can be compiled regionally.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,35 +133,55 @@ class ChainInstallation(Installation):
     # -- the block wrapper ----------------------------------------------------------------------
 
     def _wrap(self, position: int, original: Any, io: BlockIO) -> Any:
-        layout = self.layout
+        before = torch.compiler.disable(functools.partial(self._before, position, io))
+        after = torch.compiler.disable(functools.partial(self._after, position, io))
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            call = self.lifecycle.current_call()
-            if call is None:
-                return original(*args, **kwargs)
-            state = self._advance(call, position)
-            if state.skip and layout.is_middle(position):
-                return self._reuse(position, io, args, kwargs, state)
-            if position == 0:
-                state.chain_input = io.hidden_in(args, kwargs)
-                state.key = _cache_key(state.chain_input, io.encoder_in(args, kwargs))
-                if not self.measured:
-                    state.skip = self._decide(call, state, None)
-                    if state.skip:
-                        return self._reuse(position, io, args, kwargs, state)
-            segment = layout.segment_start.get(position)
-            if segment is not None:
-                state.segment_inputs[segment] = (io.hidden_in(args, kwargs), io.encoder_in(args, kwargs))
+            reused = before(args, kwargs)
+            if reused is not _COMPUTE:
+                return reused
             output = original(*args, **kwargs)
-            call.blocks_computed += 1
-            if position == layout.decider:
-                state.skip = self._decide(call, state, io.split(output)[0])
-            segment = layout.segment_end.get(position)
-            if segment is not None:
-                self._store_residual(segment, io, output, state)
+            after(output)
             return output
 
-        return forward
+        # The decision stays in Python: under regional compilation (block.compile() or
+        # torch.compile(block)) dynamo skips this wrapper and the two bookkeeping steps and traces
+        # only the block's own forward.
+        return torch.compiler.disable(forward, recursive=False)
+
+    def _before(self, position: int, io: BlockIO, args: tuple, kwargs: dict) -> Any:
+        """Bookkeeping before a block runs; returns its cached output, or _COMPUTE to run it."""
+        call = self.lifecycle.current_call()
+        if call is None:
+            return _COMPUTE
+        state = self._advance(call, position)
+        if state.skip and self.layout.is_middle(position):
+            return self._reuse(position, io, args, kwargs, state)
+        if position == 0:
+            state.chain_input = io.hidden_in(args, kwargs)
+            state.key = _cache_key(state.chain_input, io.encoder_in(args, kwargs))
+            if not self.measured:
+                state.skip = self._decide(call, state, None)
+                if state.skip:
+                    return self._reuse(position, io, args, kwargs, state)
+        segment = self.layout.segment_start.get(position)
+        if segment is not None:
+            state.segment_inputs[segment] = (io.hidden_in(args, kwargs), io.encoder_in(args, kwargs))
+        return _COMPUTE
+
+    def _after(self, position: int, io: BlockIO, output: Any) -> None:
+        """Bookkeeping after a block ran: count it, decide after the front blocks, store residuals."""
+        call = self.lifecycle.current_call()
+        if call is None:
+            return
+        state: ChainCall = call.scratch
+        call.blocks_computed += 1
+        io.observe(output)
+        if position == self.layout.decider:
+            state.skip = self._decide(call, state, io.split(output)[0])
+        segment = self.layout.segment_end.get(position)
+        if segment is not None:
+            self._store_residual(segment, io, output, state)
 
     def _advance(self, call: CallInfo, position: int) -> ChainCall:
         state: ChainCall | None = call.scratch
@@ -260,6 +281,9 @@ class ChainInstallation(Installation):
 
     def _segment_end_position(self, segment: int) -> int:
         return next(p for p, s in self.layout.segment_end.items() if s == segment)
+
+
+_COMPUTE = object()  # sentinel: the block must run
 
 
 def _cache_key(hidden: torch.Tensor, encoder: torch.Tensor | None) -> tuple:
