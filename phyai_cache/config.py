@@ -202,8 +202,9 @@ class DiTCacheConfig:
         known = field_names()
         for key in mapping:
             if not isinstance(key, str) or key not in known:
+                shown = key if isinstance(key, str) and key.isidentifier() else repr(key)
                 raise DiTCacheConfigError(
-                    str(key), mapping[key], "one of " + ", ".join(known),
+                    shown, mapping[key], "one of " + ", ".join(known),
                     hint=_did_you_mean(key, known) or "unknown field",
                 )
         return cls(**dict(mapping))

@@ -1,0 +1,30 @@
+"""Every (backend, strategy) this installation can serve, with settings that make a tiny
+random-weight pipeline actually hit the cache (random weights show little redundancy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from phyai_cache import list_backends
+
+HIT_SETTINGS: dict[str, dict[str, Any]] = {
+    "fbcache": dict(threshold=10.0, warmup_steps=1),
+    "dbcache": dict(threshold=10.0, warmup_steps=1, front_blocks=1, back_blocks=1),
+    "taylorseer": dict(warmup_steps=1, taylorseer_order=1),
+    "pab": dict(),
+    "fastercache": dict(),
+    "magcache": dict(threshold=10.0, warmup_steps=1),
+}
+
+
+def served_combinations() -> list[tuple[str, str]]:
+    return [(report.name, strategy) for report in list_backends() if report.installed
+            for strategy in report.available_strategies]
+
+
+def settings_for(backend: str, strategy: str) -> dict[str, Any]:
+    return dict(enabled=True, backend=backend, strategy=strategy, **HIT_SETTINGS[strategy])
+
+
+def combo_id(combo: tuple[str, str]) -> str:
+    return f"{combo[0]}-{combo[1]}"
