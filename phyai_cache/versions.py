@@ -28,11 +28,25 @@ MIN_VERSIONS: dict[str, dict[str, str]] = {
         "magcache": "0.37.0",
     },
     "cache_dit": {
-        "dbcache": "1.0.4",
-        "fbcache": "1.0.4",
-        "taylorseer_calibrator": "1.0.4",
-        "steps_mask": "1.1.1",
+        # The oldest release the adapter serves: it needs DBCacheConfig (1.0.4), transformer-only
+        # BlockAdapter(pipe=None) (1.0.10), the cache_dit.caching package (1.0.11),
+        # steps_computation_mask (1.1.1) and persistent contexts that do not demand
+        # num_inference_steps (1.1.8, the refresh_context release; 1.1.1 asserts on it). Verified by
+        # running tests/adapters/test_cache_dit.py against 1.1.8, 1.2.0, 1.3.12, 1.5.0, 1.5.2, 1.5.3.
+        "dbcache": "1.1.8",
+        "fbcache": "1.1.8",
+        "dbcache_config": "1.0.4",
+        "transformer_only": "1.0.10",
+        "caching_package": "1.0.11",
+        "steps_computation_mask": "1.1.1",
         "refresh_context": "1.1.8",
+        "persistent_context_without_steps": "1.1.8",
+        "taylorseer_calibrator": "0.3.1",
+        # Before 1.2.0 enable_cache imports accelerate, which cache-dit does not declare.
+        "accelerate_optional": "1.2.0",
+        # Streaks of cached steps are counted like the native engine's max_consecutive_cached
+        # (reset by any computed step) only from 1.5.3.
+        "max_continuous_streak": "1.5.3",
     },
 }
 

@@ -57,11 +57,9 @@ def test_block_counts_are_checked_against_the_model(untouched):
 
 
 def test_unavailable_strategy_or_backend_names_alternatives(untouched):
-    with pytest.raises(BackendUnavailableError, match="'pab' is not available on backend 'native'"):
+    with pytest.raises(BackendUnavailableError, match="'pab' is not available on backend 'native'") as info:
         enable_dit_cache(untouched, **ON, strategy="pab", backend="native")
-    with pytest.raises(BackendUnavailableError, match="no installed backend can serve strategy 'magcache'|"
-                                                      "backends that can serve"):
-        enable_dit_cache(untouched, **ON, strategy="magcache")
+    assert "can serve 'pab' here" in str(info.value) or "no installed backend can serve 'pab'" in str(info.value)
 
 
 def test_unknown_yaml_key_has_did_you_mean(untouched, tmp_path):
