@@ -1,0 +1,110 @@
+"""phyai_cache with an older diffusers (0.35.x): what the diffusers backend offers, how it refuses what
+does not exist yet, that backend="auto" falls back to native, and that what exists works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phyai_cache import BackendUnavailableError, disable_dit_cache, enable_dit_cache, list_backends
+from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache.versions import MIN_VERSIONS, backend_version
+
+INSTALLED = backend_version("diffusers")
+TABLE = MIN_VERSIONS["diffusers"]
+OLD_STRATEGIES = ("fbcache", "pab", "fastercache")  # present since 0.33 / 0.35
+NEW_STRATEGIES = ("taylorseer", "magcache")  # 0.36 / 0.37
+
+
+@pytest.fixture
+def flux():
+    tiny = build_tiny_pipeline("flux")
+    yield tiny
+    disable_dit_cache(tiny.pipe)
+
+
+def diffusers_report():
+    return next(r for r in list_backends() if r.name == "diffusers")
+
+
+def test_list_backends_reports_the_old_diffusers():
+    report = diffusers_report()
+    assert report.installed and report.version == INSTALLED
+    assert report.available_strategies == list(OLD_STRATEGIES)
+    for strategy in NEW_STRATEGIES:
+        support = report.strategies[strategy]
+        assert not support.available
+        assert support.min_version == TABLE[strategy]
+        assert INSTALLED in support.reason
+    assert not report.strategies["dbcache"].available
+
+
+@pytest.mark.parametrize("strategy", NEW_STRATEGIES)
+def test_missing_strategy_names_version_minimum_and_alternatives(flux, strategy):
+    reference = flux.run(num_inference_steps=4)
+    with pytest.raises(BackendUnavailableError) as info:
+        enable_dit_cache(flux.pipe, enabled=True, backend="diffusers", strategy=strategy)
+    message = str(info.value)
+    assert f"'diffusers' {INSTALLED}" in message  # the installed version
+    assert f"needs >= {TABLE[strategy]}" in message  # the minimum
+    if strategy == "taylorseer":
+        assert "backends that can serve 'taylorseer' here: native" in message
+    else:
+        assert "no installed backend can serve 'magcache'" in message
+    assert torch.equal(flux.run(num_inference_steps=4), reference)
+
+
+def test_auto_falls_back_to_native_where_diffusers_is_too_old(flux, caplog):
+    handle = enable_dit_cache(flux.pipe, enabled=True, strategy="taylorseer")
+    assert handle.backend == "native"
+    flux.run(num_inference_steps=8)
+    assert handle.last_run.steps_cached > 0
+    disable_dit_cache(flux.pipe)
+    with pytest.raises(BackendUnavailableError, match=f"diffusers: diffusers {INSTALLED} has no MagCache"):
+        enable_dit_cache(flux.pipe, enabled=True, strategy="magcache")
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_fbcache_works_and_equals_diffusers_directly(cfg):
+    from diffusers.hooks.first_block_cache import FirstBlockCacheConfig
+
+    direct = build_tiny_pipeline("flux")
+    direct.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    expected = direct.run(num_inference_steps=10, cfg=cfg)
+    ours = build_tiny_pipeline("flux")
+    reference = ours.run(num_inference_steps=10, cfg=cfg)
+    handle = enable_dit_cache(ours.pipe, enabled=True, backend="diffusers", threshold=0.5, warmup_steps=0)
+    assert torch.equal(ours.run(num_inference_steps=10, cfg=cfg), expected)
+    assert 0 < handle.last_run.steps_cached < handle.last_run.steps_total
+    disable_dit_cache(ours.pipe)
+    assert torch.equal(ours.run(num_inference_steps=10, cfg=cfg), reference)
+
+
+@pytest.mark.parametrize("strategy", OLD_STRATEGIES)
+def test_old_strategies_serve_with_separate_branches(flux, strategy):
+    extra = dict(threshold=10.0, warmup_steps=1) if strategy == "fbcache" else {}
+    handle = enable_dit_cache(flux.pipe, enabled=True, backend="diffusers", strategy=strategy, **extra)
+    out = flux.run(num_inference_steps=8, cfg=True)
+    stats = handle.last_run
+    assert stats.steps_cached > 0 and stats.branches == ["cond", "uncond"]
+    fresh = build_tiny_pipeline("flux")
+    enable_dit_cache(fresh.pipe, enabled=True, backend="diffusers", strategy=strategy, **extra)
+    assert torch.equal(out, fresh.run(num_inference_steps=8, cfg=True))
+
+
+def test_a_run_that_raises_leaves_no_state(flux):
+    """0.35's cache_context has no try/finally and nothing resets after an exception; our runs do."""
+    handle = enable_dit_cache(flux.pipe, enabled=True, backend="diffusers", threshold=10.0, warmup_steps=0)
+
+    def explode(pipe, step, timestep, callback_kwargs):
+        if step == 2:
+            raise RuntimeError("cancelled")
+        return callback_kwargs
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        flux.pipe(**flux.call_kwargs(num_inference_steps=6, cfg=True), callback_on_step_end=explode)
+    assert handle.last_run.completed is False
+    after = flux.run(num_inference_steps=6, cfg=True)
+    fresh = build_tiny_pipeline("flux")
+    enable_dit_cache(fresh.pipe, enabled=True, backend="diffusers", threshold=10.0, warmup_steps=0)
+    assert torch.equal(after, fresh.run(num_inference_steps=6, cfg=True))
