@@ -25,10 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...config import DiTCacheConfig
+from ...schedule import CACHED, StepRules, StreakCounters
 from ...stats import tensor_bytes
-
-CACHED = "cached"
 
 
 class ResidualHistory:
@@ -74,25 +72,16 @@ class ResidualHistory:
 
 
 @dataclass
-class BranchCache:
+class BranchCache(StreakCounters):
     """The cached tensors and counters of one branch in one run."""
 
     key: tuple | None = None  # shape/dtype/device the tensors below were made for
     decision_residual: torch.Tensor | None = None  # front-block residual at the last computed step
     segments: dict[int, tuple[ResidualHistory, ResidualHistory | None]] = field(default_factory=dict)
-    cached_total: int = 0
-    consecutive_cached: int = 0
 
     def nbytes(self) -> int:
         histories = [h for pair in self.segments.values() for h in pair if h is not None]
         return tensor_bytes(self.decision_residual) + sum(h.nbytes() for h in histories)
-
-    def record(self, cached: bool) -> None:
-        if cached:
-            self.cached_total += 1
-            self.consecutive_cached += 1
-        else:
-            self.consecutive_cached = 0
 
     def invalidate(self, key: tuple) -> None:
         self.key = key
@@ -100,29 +89,8 @@ class BranchCache:
         self.segments.clear()
 
 
-class StepSchedule:
-    """The config's step rules: warmup, active range, compute mask, interval and per-run caps."""
-
-    def __init__(self, config: DiTCacheConfig) -> None:
-        self.threshold = config.threshold
-        self.warmup_steps = config.warmup_steps or 0
-        self.start, self.end = config.active_steps or (0, None)
-        self.mask = config.compute_mask
-        self.interval = config.cache_interval
-        self.max_cached = config.max_cached_steps
-        self.max_consecutive = config.max_consecutive_cached
-
-    def must_compute(self, step: int) -> str | None:
-        """Why the schedule alone forces this step to compute, or None."""
-        if step < self.warmup_steps:
-            return "warmup"
-        if step < self.start or (self.end is not None and step >= self.end):
-            return "inactive"
-        if self.mask is not None and (step >= len(self.mask) or self.mask[step] == 1):
-            return "mask"
-        if self.interval is not None and (step - max(self.warmup_steps, self.start)) % self.interval == 0:
-            return "interval"
-        return None
+class StepSchedule(StepRules):
+    """The shared step rules plus the engine's own question: is there a usable cache?"""
 
     def gate(self, step: int, cache: BranchCache, key: tuple, segments: int, measured: bool) -> str | None:
         """Why this step must compute without measuring anything, or None if it may cache."""
@@ -134,17 +102,6 @@ class StepSchedule:
         if len(cache.segments) < segments or (measured and cache.decision_residual is None):
             return "no_cache"
         return None
-
-    def limit(self, cache: BranchCache) -> str | None:
-        """Why the caps forbid caching this step, or None."""
-        if self.max_cached is not None and cache.cached_total >= self.max_cached:
-            return "max_cached"
-        if self.max_consecutive is not None and cache.consecutive_cached >= self.max_consecutive:
-            return "max_consecutive"
-        return None
-
-    def judge(self, diff: float) -> str:
-        return CACHED if diff < self.threshold else "above_threshold"
 
 
 def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
