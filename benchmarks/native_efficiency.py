@@ -96,9 +96,13 @@ def measure(name: str, settings: dict, plain, inputs: dict, steps: int, pairs: i
     denoise(plain, inputs, steps)  # warm-up pair, not timed
     denoise(cached_model, inputs, steps, handle)
     ratios, plain_times, cached_times = [], [], []
-    for _ in range(pairs):
-        t_plain = timed(lambda: denoise(plain, inputs, steps))
-        t_cached = timed(lambda: denoise(cached_model, inputs, steps, handle))
+    for index in range(pairs):  # alternate who goes first so order effects cancel
+        if index % 2 == 0:
+            t_plain = timed(lambda: denoise(plain, inputs, steps))
+            t_cached = timed(lambda: denoise(cached_model, inputs, steps, handle))
+        else:
+            t_cached = timed(lambda: denoise(cached_model, inputs, steps, handle))
+            t_plain = timed(lambda: denoise(plain, inputs, steps))
         plain_times.append(t_plain)
         cached_times.append(t_cached)
         ratios.append(t_plain / t_cached)
