@@ -9,12 +9,12 @@ cache" without measuring, so tests stay below 1 to exercise the real decision.
 from __future__ import annotations
 
 import ast
-import functools
 import logging
 import os
 from pathlib import Path
 
 import pytest
+from counting import count_block_executions
 import torch
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read once, when cache_dit is first imported
@@ -423,19 +423,8 @@ def test_passthrough_option_budget(tiny):
 
 
 def test_stats_count_real_block_executions(tiny, monkeypatch):
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
-    executed = []
-    for cls in (FluxTransformerBlock, FluxSingleTransformerBlock):
-        original = cls.forward
-
-        @functools.wraps(original)
-        def counting(self, *args, _original=original, **kwargs):
-            executed.append(self)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "forward", counting)
     pipeline = tiny("flux")
+    executed = count_block_executions(monkeypatch, pipeline.transformer)
     handle = enable_dit_cache(pipeline.pipe, **ON, strategy="dbcache", front_blocks=1, back_blocks=1)
     pipeline.run(num_inference_steps=8, cfg=True)
     stats = handle.last_run

@@ -5,11 +5,11 @@ state, atomic install, options, and each measured upstream bug the adapter must 
 from __future__ import annotations
 
 import contextlib
-import functools
 import subprocess
 import sys
 
 import pytest
+from counting import count_block_executions
 import torch
 from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 from diffusers.hooks.hooks import HookRegistry
@@ -56,23 +56,6 @@ def untouched(flux):
     yield flux.pipe
     assert target_fingerprint(flux.pipe) == fingerprint
     assert torch.equal(flux.run(num_inference_steps=4), reference)
-
-
-def count_block_executions(monkeypatch, transformer) -> list:
-    """Counts real block executions on the block classes (below every instance-level wrapper)."""
-    executed = []
-    classes = {type(block) for child in transformer.children() if isinstance(child, torch.nn.ModuleList)
-               for block in child}
-    for cls in classes:
-        original = cls.forward
-
-        @functools.wraps(original)
-        def counting(self, *args, _original=original, **kwargs):
-            executed.append(self)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "forward", counting)
-    return executed
 
 
 def leftover_diffusers_state(transformer) -> list[str]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+from counting import count_block_executions
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.blocks import discover_blocks
 from phyai_cache.testing import FAMILIES, build_tiny_pipeline
 
 STRATEGIES = {
@@ -20,27 +18,11 @@ STRATEGIES = {
 }
 
 
-def _count_block_forwards(monkeypatch, transformer):
-    """Wrap each block class's forward (before enabling) to count real executions."""
-    executed = []
-    classes = {type(b) for block_list in discover_blocks(transformer) for b in block_list.blocks}
-    for cls in classes:
-        original = cls.forward
-
-        @functools.wraps(original)
-        def counting(self, *args, _original=original, **kwargs):
-            executed.append(self)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "forward", counting)
-    return executed
-
-
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_strategy_caches_and_counts_exactly(family, strategy, monkeypatch):
     tiny = build_tiny_pipeline(family)
-    executed = _count_block_forwards(monkeypatch, tiny.transformer)
+    executed = count_block_executions(monkeypatch, tiny.transformer)
     handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", **STRATEGIES[strategy])
     tiny.run(num_inference_steps=6, cfg=True)
     stats = handle.last_run

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from counting import count_block_executions
 
 from phyai_cache import CacheStateError, disable_dit_cache, enable_dit_cache
 from phyai_cache.testing import build_tiny_pipeline
@@ -28,16 +26,7 @@ def test_high_threshold_caches_and_threshold_zero_does_not(flux):
 
 def test_stats_count_what_really_ran(flux, monkeypatch):
     """blocks_computed must equal the block forwards that actually executed."""
-    executed = []
-    for cls in (FluxTransformerBlock, FluxSingleTransformerBlock):
-        original = cls.forward
-
-        @functools.wraps(original)
-        def counting(self, *args, _original=original, **kwargs):
-            executed.append(self)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "forward", counting)
+    executed = count_block_executions(monkeypatch, flux.transformer)
     handle = enable_dit_cache(flux.pipe, **HIT)
     flux.run(num_inference_steps=8)
     stats = handle.last_run

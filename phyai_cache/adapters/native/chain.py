@@ -31,7 +31,8 @@ from ...blocks import BlockIO, BlockList
 from ...errors import CacheStateError
 from ...lifecycle import CallInfo, Lifecycle, RunState
 from ..base import Installation
-from .policy import CACHED, BranchCache, ResidualHistory, StepSchedule, relative_l1
+from ...schedule import CACHED
+from .policy import BranchCache, ResidualHistory, StepSchedule, relative_l1
 
 
 class ChainLayout:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...schedule import CACHED, StepRules, StreakCounters
+from ...schedule import StepRules, StreakCounters
 from ...stats import tensor_bytes
 
 
