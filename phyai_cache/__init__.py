@@ -29,4 +29,15 @@ __all__ = [
     "list_backends",
     "list_presets",
     "load_config",
+    "tune",
 ]
+
+
+def __getattr__(name: str):
+    # tune() lives with the benchmark, which needs diffusers; importing it lazily keeps
+    # `import phyai_cache` free of diffusers for deployments that only use the native engine.
+    if name == "tune":
+        from .bench import tune
+
+        return tune
+    raise AttributeError(f"module 'phyai_cache' has no attribute {name!r}")

@@ -99,3 +99,12 @@ def test_other_instances_of_the_class_are_untouched():
     assert torch.equal(plain.run(num_inference_steps=5), reference)
     assert not torch.equal(cached.run(num_inference_steps=5), reference)
     disable_dit_cache(cached.pipe)
+
+
+def test_import_needs_no_backend_library():
+    """phyai deployments without diffusers or cache-dit still get the native engine."""
+    script = ("import sys, phyai_cache\n"
+              "assert not {'diffusers', 'cache_dit'} & set(sys.modules), sorted(sys.modules)\n"
+              "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr

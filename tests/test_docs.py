@@ -20,7 +20,7 @@ def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert ".venv/bin/python -m pytest" in readme and ".venv/bin/python -m pytest" in ci
-    assert "phyai-cache demo" in readme
+    assert "phyai-cache bench" in readme
 
 
 def test_presets_say_what_they_trade():

@@ -1,0 +1,286 @@
+"""``phyai-cache bench`` and ``phyai-cache tune``: registered by ``phyai_cache.cli`` via :func:`add_commands`.
+
+This module is the only part of :mod:`phyai_cache.bench` that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = "bench_out"
+
+
+def add_commands(subparsers: Any) -> None:
+    _add_bench(subparsers)
+    _add_tune(subparsers)
+
+
+# -- bench --------------------------------------------------------------------------------------
+
+
+def _add_bench(subparsers: Any) -> None:
+    bench = subparsers.add_parser(
+        "bench", help="quality/speed sweep of every available backend x strategy on the reference model",
+        description="Runs every available backend x strategy (a few thresholds/intervals each, plus the "
+                    "shipped presets) against the uncached pipeline in interleaved pairs, and writes "
+                    "bench.json, bench.md and PNG figures to --out.")
+    bench.add_argument("--steps", type=int, action="append", metavar="N",
+                       help="denoising steps; repeat for several (default 20)")
+    bench.add_argument("--batch-size", type=int, help="images per call (default 10; --quick: 4)")
+    bench.add_argument("--cfg", type=float, nargs="?", const=2.0, default=None, metavar="SCALE",
+                       help="true CFG with this scale (default off; --cfg alone means 2.0)")
+    bench.add_argument("--repeats", type=int, help="timed pairs per config, one seed each (default 3; --quick: 1)")
+    bench.add_argument("--quick", action="store_true", help="CI-sized run: a point or two per strategy, ~1 minute")
+    bench.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT}/)")
+    bench.add_argument("--backends", action="append", metavar="NAMES", help="only these backends (comma list)")
+    bench.add_argument("--strategies", action="append", metavar="NAMES", help="only these strategies (comma list)")
+    bench.add_argument("--no-presets", action="store_true", help="do not add the shipped presets to the sweep")
+    bench.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    bench.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: on shared cores more threads make timings erratic)")
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .figures import write_figures
+    from .report import markdown, write_json
+    from .runner import BenchOptions, run_bench
+
+    torch.set_num_threads(args.threads)
+    options = _bench_options(args, BenchOptions)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"bench: reference digits DiT, steps {list(options.steps)}, batch {options.batch_size}, "
+          f"{options.repeats} timed pair(s) per config{', CFG %g' % options.cfg_scale if options.cfg_scale else ''}")
+    report = run_bench(options, progress=ProgressBar())
+    command = _command_line(args)
+    write_json(report, out / "bench.json", {"command": command})
+    table = markdown(report)
+    (out / "bench.md").write_text(f"Command: `{command}`\n\n{table}", encoding="utf-8")
+    print()
+    print(table)
+    files = [out / "bench.json", out / "bench.md"]
+    if not args.no_figures:
+        figures, skipped = write_figures(report, out)
+        files += figures
+        if skipped:
+            print(f"note: {skipped}")
+    failed = sum(r.status != "ok" for r in report.rows)
+    print(f"{len(report.rows)} configs ({failed} failed) in {report.elapsed_s:.0f} s; wrote "
+          + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _bench_options(args: argparse.Namespace, options_class: Any) -> Any:
+    base = options_class.quick_run() if args.quick else options_class()
+    changes: dict[str, Any] = {"cfg_scale": args.cfg, "include_presets": not args.no_presets}
+    if args.steps:
+        changes["steps"] = tuple(args.steps)
+    if args.batch_size:
+        changes["batch_size"] = args.batch_size
+    if args.repeats:
+        changes["repeats"] = args.repeats
+    changes["backends"] = _names(args.backends, normalize=True)
+    changes["strategies"] = _names(args.strategies)
+    return dataclasses.replace(base, **changes)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, width: int = 28) -> None:
+        self.width, self.started = width, time.perf_counter()
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        filled = int(self.width * done / max(total, 1))
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (total - done) if done else 0.0
+        line = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} runs, eta {eta:4.0f} s  {label[:48]:48s}"
+        sys.stderr.write(line)
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+# -- tune ---------------------------------------------------------------------------------------
+
+
+def _add_tune(subparsers: Any) -> None:
+    tune = subparsers.add_parser(
+        "tune", help="find the fastest config meeting a PSNR target and write it as a preset",
+        description="Bisects thresholds (and tries the forecaster / block-count variants, or intervals for "
+                    "scheduled strategies) on calibration seeds of the reference model for the config with "
+                    "the fewest blocks computed that keeps PSNR >= --target-psnr vs uncached, verifies it on "
+                    "held-out seeds, and writes a preset YAML with the measured figures. For your own pipeline "
+                    "use phyai_cache.bench.tune(pipe, call_kwargs, target_psnr=...).")
+    target = tune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-psnr", type=float, metavar="DB", help="minimum PSNR vs uncached, in dB")
+    target.add_argument("--tiers", metavar="NAME=DB,...",
+                        help="several targets sharing one search, e.g. quality=40,balanced=33,fast=28; writes "
+                             "PREFIX-NAME.yaml per tier into --out-dir")
+    tune.add_argument("--strategy", action="append", metavar="NAMES",
+                      help="strategies to search (comma list; default every threshold/interval strategy available)")
+    tune.add_argument("--backend", default="auto", help="backend (default auto)")
+    tune.add_argument("--steps", type=int, action="append", metavar="N",
+                      help="denoising steps; repeat to require the target at each (default 20)")
+    tune.add_argument("--batch-size", type=int, default=10)
+    tune.add_argument("--cfg", type=float, nargs="?", const=2.0, default=None, metavar="SCALE")
+    tune.add_argument("--calibration-seeds", default="0,1", metavar="LIST")
+    tune.add_argument("--heldout-seeds", default="10,11,12", metavar="LIST")
+    tune.add_argument("--margin", type=float, default=0.0, metavar="DB",
+                      help="calibrate for target + margin, so unseen seeds keep the target (default 0)")
+    tune.add_argument("--iterations", type=int, default=6, help="bisection steps per threshold search")
+    tune.add_argument("--timing-pairs", type=int, default=3, help="interleaved pairs timing the result (0: none)")
+    tune.add_argument("--out", metavar="PATH", help="write the preset YAML here (with --target-psnr)")
+    tune.add_argument("--name", help="preset name (default: the --out file name)")
+    tune.add_argument("--trades", help="the preset's one-line 'trades' text")
+    tune.add_argument("--out-dir", metavar="DIR", help="with --tiers: write the presets here")
+    tune.add_argument("--prefix", metavar="NAME", help="with --tiers: preset name prefix (default: the strategy)")
+    tune.add_argument("--json", metavar="PATH", help="also write the full result (with every config tried)")
+    tune.add_argument("--threads", type=int, default=1)
+    tune.set_defaults(func=cmd_tune)
+
+
+TIER_TRADES = {
+    "quality": "least speed for least quality change",
+    "balanced": "moderate speed for a small quality change",
+    "fast": "most speed for a visible quality change",
+}
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import reference
+    from .tune import tune_tiers
+    from .workload import reference_workload
+
+    torch.set_num_threads(args.threads)
+    steps = args.steps or [20]
+    workloads = {f"{s} steps": reference_workload(s, args.batch_size, args.cfg) for s in steps}
+    first = next(iter(workloads.values()))
+    targets = _tiers(args.tiers) if args.tiers else {"target": args.target_psnr}
+    print(f"tune: reference digits DiT, steps {steps}, batch {args.batch_size}, targets "
+          + ", ".join(f"{name} {db:g} dB" for name, db in targets.items()))
+    results = tune_tiers(
+        reference.load_pipeline(), {name: w.call_kwargs for name, w in workloads.items()}, targets,
+        extract=first.extract, data_range=1.0, agreement=first.agreement,
+        on_eval=lambda message: print(f"  {message}", file=sys.stderr),
+        strategy=_names(args.strategy), backend=args.backend, calibration_seeds=_ints(args.calibration_seeds),
+        heldout_seeds=_ints(args.heldout_seeds), iterations=args.iterations, timing_pairs=args.timing_pairs,
+        margin_db=args.margin,
+    )
+    details = {"model": first.details["model"], "steps": steps, "batch_size": args.batch_size,
+               "cfg_scale": args.cfg}
+    for name, result in results.items():
+        print(f"\n{name} (>= {result.target_psnr:g} dB):")
+        _print_tune(result)
+        path = _tune_output(args, name, result)
+        if path is not None:
+            trades = args.trades or _tier_trades(name, result)
+            result.write_preset(path, None if args.tiers else args.name, trades, details, _command_line(args))
+            print(f"  wrote {path}")
+    if args.json:
+        data = {name: result.to_dict() for name, result in results.items()}
+        Path(args.json).write_text(json.dumps(data if args.tiers else data["target"], indent=2) + "\n",
+                                   encoding="utf-8")
+    missed = [name for name, result in results.items() if not result.met]
+    if missed:
+        print(f"warning: held-out seeds miss the target for: {', '.join(missed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _tune_output(args: argparse.Namespace, name: str, result: Any) -> Path | None:
+    if not args.tiers:
+        return Path(args.out) if args.out else None
+    if not args.out_dir:
+        return None
+    prefix = args.prefix or result.config.strategy
+    return Path(args.out_dir) / f"{prefix}-{name}.yaml"
+
+
+def _tier_trades(name: str, result: Any) -> str | None:
+    what = TIER_TRADES.get(name)
+    if what is None:
+        return None
+    return f"{what} (>= {result.target_psnr:g} dB PSNR vs uncached on the reference model)"
+
+
+def _tiers(text: str) -> dict[str, float]:
+    tiers = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --tiers expects NAME=DB,..., got {part!r}")
+        tiers[name.strip()] = float(value)
+    return tiers
+
+
+def _print_tune(result: Any) -> None:
+    print()
+    print(f"  config       {json.dumps(result.to_dict()['config'])}  (backend {result.backend})")
+    for label, m in (("calibration", result.calibration), ("held-out", result.heldout)):
+        agreement = "" if m.agreement is None else f", agreement {m.agreement * 100:.0f}%"
+        print(f"  {label:12s} seeds {m.seeds}: PSNR {_db(m.psnr_db)} (worst case), SSIM "
+              f"{m.ssim if m.ssim is None else round(m.ssim, 4)}, ideal speedup {m.ideal_speedup or 0:.2f}x{agreement}")
+    speed = ", ".join(f"{case} {value:.2f}x" for case, value in result.speedup.items() if value)
+    print(f"  speedup      {speed or 'not timed'} (median of interleaved pairs)")
+    margin = f" (calibrated for +{result.margin_db:g} dB)" if result.margin_db else ""
+    print(f"  target met on held-out seeds: {'yes' if result.met else 'NO'}{margin}; {result.elapsed_s:.0f} s")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _names(values: list[str] | None, normalize: bool = False) -> tuple[str, ...] | None:
+    if not values:
+        return None
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    if normalize:
+        names = [n.replace("-", "_") for n in names]
+    return tuple(names)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return "inf dB" if math.isinf(value) else f"{value:.1f} dB"
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed (reconstructed from the parsed options, defaults left out)."""
+    words = ["phyai-cache", args.command]
+    for key, value in vars(args).items():  # argparse keeps the order the options were defined in
+        if key in ("command", "func") or value in (None, False, []):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                words += [flag, str(item)]
+        elif not _is_default(args.command, key, value):
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def _is_default(command: str, key: str, value: Any) -> bool:
+    defaults = {"bench": {"out": DEFAULT_OUT, "threads": 1},
+                "tune": {"backend": "auto", "batch_size": 10, "calibration_seeds": "0,1",
+                         "heldout_seeds": "10,11,12", "iterations": 6, "timing_pairs": 3, "threads": 1, "margin": 0.0}}
+    return defaults.get(command, {}).get(key) == value

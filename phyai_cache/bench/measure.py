@@ -1,0 +1,133 @@
+"""Shared measurement helpers: timed pipeline calls, interleaved pairs, run statistics, quality.
+
+Timing uses interleaved pairs (uncached, cached, cached, uncached, ...) and the median of the
+pairwise ratios: on shared cores the load changes from minute to minute, and a reference timed
+once, minutes away from the cached run, can be off by 30 %. Within a pair both runs see about the
+same load, and the median discards the pairs a load spike hit.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..stats import RunStats
+from .metrics import psnr, ssim, ssim_supported
+
+RunOnce = Callable[[int], torch.Tensor]  # seed -> extracted output of one timed call
+
+
+def timed_call(pipe: Any, kwargs: Mapping[str, Any]) -> tuple[float, Any]:
+    """Seconds and output of one pipeline call (no autograd, as in inference)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = pipe(**kwargs)
+    return time.perf_counter() - start, output
+
+
+@dataclass
+class PairTiming:
+    """Interleaved timings and the outputs of the timed runs, one entry per seed."""
+
+    plain_s: list[float] = field(default_factory=list)
+    cached_s: list[float] = field(default_factory=list)
+    plain_outputs: list[torch.Tensor] = field(default_factory=list)
+    cached_outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [p / c for p, c in zip(self.plain_s, self.cached_s) if c > 0]
+
+    @property
+    def speedup(self) -> float | None:
+        return statistics.median(self.ratios) if self.ratios else None
+
+    @property
+    def latency_plain_s(self) -> float | None:
+        return statistics.median(self.plain_s) if self.plain_s else None
+
+    @property
+    def latency_cached_s(self) -> float | None:
+        return statistics.median(self.cached_s) if self.cached_s else None
+
+
+def interleaved_pairs(run_plain: Callable[[int], tuple[float, torch.Tensor]],
+                      run_cached: Callable[[int], tuple[float, torch.Tensor]],
+                      seeds: Sequence[int], on_run: Callable[[], None] | None = None) -> PairTiming:
+    """For each seed: the uncached and the cached run, timed back to back.
+
+    The order alternates (uncached first, then cached first, ...), so a load that drifts within
+    pairs penalises neither side systematically.
+    """
+    timing = PairTiming()
+    for index, seed in enumerate(seeds):
+        sides = [(run_plain, timing.plain_s, timing.plain_outputs),
+                 (run_cached, timing.cached_s, timing.cached_outputs)]
+        for runner, times, outputs in (sides if index % 2 == 0 else sides[::-1]):
+            seconds, output = runner(seed)
+            times.append(seconds)
+            outputs.append(output)
+            if on_run is not None:
+                on_run()
+    return timing
+
+
+def summarize_runs(runs: Sequence[RunStats | None]) -> dict[str, Any]:
+    """Per-run means of what the cache did, and the ideal speedup from blocks, over ``runs``.
+
+    ``ideal_speedup`` = blocks an uncached run executes / blocks the cached run executed: the
+    speedup if block forwards were the only cost. None when the backend does not count blocks, or
+    when it cached steps while every block still ran (it caches inside the blocks).
+    """
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        return {"steps_total": None, "steps_cached": None, "blocks_total": None, "blocks_computed": None,
+                "compute_fraction": None, "ideal_speedup": None, "peak_memory_bytes": None,
+                "memory_kind": None, "cache_bytes": None}
+    blocks_total = sum(r.blocks_total for r in runs)
+    blocks_computed = sum(r.blocks_computed for r in runs)
+    steps_cached = sum(r.steps_cached for r in runs)
+    # Some backends cache inside the blocks (attention outputs): every block still runs, so the
+    # block count says nothing about their savings and no ideal speedup can be derived from it.
+    counted = blocks_total > 0 and not (steps_cached and blocks_computed == blocks_total)
+    peaks = [r.peak_memory_bytes for r in runs if r.peak_memory_bytes is not None]
+    return {
+        "steps_total": statistics.mean(r.steps_total for r in runs),
+        "steps_cached": steps_cached / len(runs),
+        "blocks_total": blocks_total / len(runs),
+        "blocks_computed": blocks_computed / len(runs),
+        "compute_fraction": blocks_computed / blocks_total if counted else None,
+        "ideal_speedup": blocks_total / blocks_computed if counted and blocks_computed else None,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "memory_kind": runs[-1].memory_kind,
+        "cache_bytes": max(r.cache_bytes for r in runs),
+    }
+
+
+def quality(cached: torch.Tensor, reference: torch.Tensor, data_range: float | None,
+            agreement: Callable[[torch.Tensor], float] | None = None,
+            classes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """PSNR (pooled over every image), mean SSIM, and classifier agreement when available.
+
+    ``data_range`` None means "the reference's peak-to-peak range" (latents of unknown scale).
+    ``psnr_db`` is ``math.inf`` for identical outputs.
+    """
+    span = float(reference.max() - reference.min()) if data_range is None else data_range
+    span = span or 1.0
+    result: dict[str, Any] = {
+        "psnr_db": psnr(cached, reference, span),
+        "ssim": ssim(cached, reference, span) if ssim_supported(cached) else None,
+        "max_abs": float((cached.double() - reference.double()).abs().max()),
+        "agreement": None, "agreement_uncached": None, "same_class_as_uncached": None,
+    }
+    if agreement is not None:
+        result["agreement"] = agreement(cached)
+        result["agreement_uncached"] = agreement(reference)
+    if classes is not None:
+        result["same_class_as_uncached"] = float((classes(cached) == classes(reference)).float().mean())
+    return result

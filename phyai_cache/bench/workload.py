@@ -1,0 +1,105 @@
+"""What the benchmark and the tuner run: a pipeline, the call for one seed, and how to read its output.
+
+The reference workload is the shipped digits DiT (``phyai_cache.reference``); any diffusers
+pipeline works through :func:`extract_images`, the default reader of pipeline outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+CallKwargs = Callable[[int], Mapping[str, Any]]  # seed -> keyword arguments of one pipeline call
+Extract = Callable[[Any], torch.Tensor]  # pipeline output -> images (B, C, H, W) in [0, data_range]
+
+
+@dataclass
+class Workload:
+    """One benchmark case: a pipeline factory, the call per seed, and how to score its output.
+
+    ``agreement(images, num_seeds)`` and ``classes(images)`` are optional: the reference model
+    scores images with its digit classifier; other pipelines may have nothing comparable.
+    """
+
+    name: str
+    steps: int
+    make_pipeline: Callable[[], Any]
+    call_kwargs: CallKwargs
+    extract: Extract
+    data_range: float = 1.0
+    agreement: Callable[[torch.Tensor], float] | None = None
+    classes: Callable[[torch.Tensor], torch.Tensor] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def reference_workload(steps: int, batch_size: int = 10, cfg_scale: float | None = None) -> Workload:
+    """The shipped digits DiT: one image per digit 0..9 (repeated to ``batch_size``) per seed."""
+    from .. import reference
+
+    labels = [i % reference.NUM_CLASSES for i in range(batch_size)]
+    classifier = reference.load_classifier()
+
+    def agreement(images: torch.Tensor) -> float:
+        # images hold whole batches (one per seed) back to back, so the labels repeat per batch
+        repeats = images.shape[0] // len(labels)
+        return reference.agreement(images, labels * repeats, classifier)
+
+    cfg = f", true CFG {cfg_scale:g}" if cfg_scale else ""
+    return Workload(
+        name=f"reference digits DiT, {steps} steps, batch {batch_size}{cfg}",
+        steps=steps,
+        make_pipeline=reference.load_pipeline,
+        call_kwargs=lambda seed: reference.call_kwargs(labels, num_inference_steps=steps, seed=seed,
+                                                       cfg_scale=cfg_scale),
+        extract=lambda output: reference.latents_to_images(extract_images(output)),
+        data_range=1.0,
+        agreement=agreement,
+        classes=lambda images: reference.classify(images, classifier),
+        details={"model": "phyai_cache.reference digits DiT (FluxPipeline, 2.29 M params, 16x16)",
+                 "steps": steps, "batch_size": batch_size, "cfg_scale": cfg_scale, "dtype": "float32",
+                 "device": "cpu"},
+    )
+
+
+def extract_images(output: Any) -> torch.Tensor:
+    """The images (or latents, or video frames) of a diffusers pipeline output, as a float tensor.
+
+    Reads ``.images``, ``.frames`` or ``.videos`` (or element 0 of a tuple from ``return_dict=False``)
+    and converts PIL images and numpy arrays (``output_type="pil"``/``"np"``, channels last) to
+    ``(B, C, H, W)`` floats in [0, 1]. Torch tensors are returned as they are, on the CPU.
+    """
+    value = output
+    for name in ("images", "frames", "videos"):
+        if hasattr(output, name):
+            value = getattr(output, name)
+            break
+    else:
+        if isinstance(output, tuple):
+            value = output[0]
+    return _to_tensor(value)
+
+
+def _to_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu()
+    if isinstance(value, np.ndarray):
+        return _channels_first(torch.from_numpy(np.ascontiguousarray(value)).float())
+    if isinstance(value, Sequence) and value and not isinstance(value, (str, bytes)):
+        return torch.stack([_to_tensor(item) for item in value])
+    if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image: HWC uint8
+        array = np.asarray(value, dtype=np.float32) / 255.0
+        array = array[..., None] if array.ndim == 2 else array
+        return torch.from_numpy(array).permute(2, 0, 1)
+    raise TypeError(f"cannot read images from a pipeline output of type {type(value).__name__}; "
+                    "pass extract=... to say how")
+
+
+def _channels_first(t: torch.Tensor) -> torch.Tensor:
+    # diffusers' numpy outputs are channels last: (..., H, W, C) with C in 1, 3 or 4
+    if t.ndim >= 3 and t.shape[-1] in (1, 3, 4) and t.shape[-3] > 4:
+        return t.movedim(-1, -3)
+    return t

@@ -1,0 +1,66 @@
+"""The sweep follows the registry: new backends and strategies are picked up, unavailable ones listed."""
+
+from __future__ import annotations
+
+from phyai_cache.adapters.base import StrategySupport
+from phyai_cache.bench import sweep
+from phyai_cache.bench.sweep import plan_sweep, strategy_variants
+from phyai_cache.config import STRATEGIES, list_presets, load_config
+from phyai_cache.registry import BackendReport, list_backends
+
+
+def _report(name: str, installed: bool = True, available: tuple[str, ...] = ()) -> BackendReport:
+    strategies = {s: StrategySupport(s, s in available, "" if s in available else f"{name} lacks {s}")
+                  for s in STRATEGIES}
+    return BackendReport(name, installed, "9.9" if installed else None, "fake", strategies)
+
+
+def test_every_available_backend_and_strategy_of_the_registry_is_swept():
+    plan = plan_sweep(quick=True)
+    swept = {(e.backend, e.strategy) for e in plan.entries}
+    skipped = {(s.backend, s.strategy) for s in plan.skipped}
+    for report in list_backends():
+        for strategy, support in report.strategies.items():
+            pair = (report.name, strategy)
+            if report.installed and support.available:
+                assert pair in swept
+            else:
+                assert pair in skipped or (report.name, None) in skipped
+
+
+def test_what_the_registry_offers_decides_the_sweep_without_code_changes(monkeypatch):
+    # a registry where the backends offer other strategies than today's adapters do
+    monkeypatch.setattr(sweep, "list_backends", lambda: [
+        _report("native", available=("fbcache",)),
+        _report("cache_dit", available=("magcache", "pab")),
+        _report("diffusers", installed=False),
+    ])
+    plan = plan_sweep(include_presets=False)
+    by_backend = {}
+    for entry in plan.entries:
+        by_backend.setdefault(entry.backend, set()).add(entry.strategy)
+        entry.build()  # every planned config is valid
+    assert by_backend == {"native": {"fbcache"}, "cache_dit": {"magcache", "pab"}}
+    reasons = {(s.backend, s.strategy): s.reason for s in plan.skipped}
+    assert reasons[("diffusers", None)] == "not installed"
+    assert reasons[("cache_dit", "dbcache")] == "cache_dit lacks dbcache"
+
+
+def test_variants_follow_the_fields_a_strategy_uses():
+    assert all("threshold" in v for v in strategy_variants("fbcache"))
+    assert any(v.get("taylorseer_order") for v in strategy_variants("fbcache"))
+    assert all("cache_interval" in v for v in strategy_variants("taylorseer"))
+    assert strategy_variants("pab") == [{}]
+    magcache = strategy_variants("magcache")  # no grid entry: multiples of its own default
+    assert len(magcache) > 1 and all(v["threshold"] > 0 for v in magcache)
+
+
+def test_presets_are_swept_once_on_the_backend_auto_picks():
+    plan = plan_sweep(backends=("native",))
+    presets = [p for e in plan.entries for p in e.presets]
+    native_presets = [n for n in list_presets() if load_config(n).backend in ("auto", "native")]
+    assert sorted(presets) == sorted(set(presets))
+    for name in native_presets:
+        config = load_config(name)
+        if config.strategy in ("fbcache", "dbcache", "taylorseer"):
+            assert name in presets, name
