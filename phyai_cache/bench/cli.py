@@ -37,7 +37,7 @@ def _add_bench(subparsers: Any) -> None:
     bench.add_argument("--batch-size", type=int, help="images per call (default 10; --quick: 4)")
     bench.add_argument("--cfg", type=float, nargs="?", const=2.0, default=None, metavar="SCALE",
                        help="true CFG with this scale (default off; --cfg alone means 2.0)")
-    bench.add_argument("--repeats", type=int, help="timed pairs per config, one seed each (default 3; --quick: 1)")
+    bench.add_argument("--repeats", type=int, help="timed pairs per config, one seed each (default 2; --quick: 1)")
     bench.add_argument("--quick", action="store_true", help="CI-sized run: a point or two per strategy, ~1 minute")
     bench.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT}/)")
     bench.add_argument("--backends", action="append", metavar="NAMES", help="only these backends (comma list)")

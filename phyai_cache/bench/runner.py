@@ -47,7 +47,7 @@ class BenchOptions:
     steps: tuple[int, ...] = (20,)
     batch_size: int = 10
     cfg_scale: float | None = None
-    repeats: int = 3
+    repeats: int = 2
     backends: tuple[str, ...] | None = None
     strategies: tuple[str, ...] | None = None
     quick: bool = False
