@@ -151,8 +151,8 @@ def run_bench(options: BenchOptions = BenchOptions(), progress: Progress | None 
         entries, skipped = plan.entries, plan.skipped
     else:
         skipped = []
-    counter = _Counter(progress, total=len(options.steps) * (len(options.seeds) + 1)
-                       * (1 + 2 * len(entries)))  # baseline runs + per config: warm-up + pairs
+    runs_per_steps = (1 + len(options.seeds)) + len(entries) * (1 + 2 * len(options.seeds))  # baseline + configs
+    counter = _Counter(progress, total=len(options.steps) * runs_per_steps)
     baselines, rows = [], []
     for steps in options.steps:
         workload = workload_factory(steps, options.batch_size, options.cfg_scale)

@@ -114,3 +114,14 @@ def test_cli_quick_bench_writes_json_markdown_and_figures(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert (out / f"bench_frontier_{STEPS}.png").stat().st_size > 0
     assert (out / f"bench_grid_{STEPS}.png").stat().st_size > 0
+
+
+def test_progress_counts_every_run_exactly_once():
+    seen = []
+    entries = [SweepEntry("fbcache t=0.4", "native", "fbcache", {"threshold": 0.4}),
+               SweepEntry("refused", "native", "dbcache", {"front_blocks": 4, "back_blocks": 3})]
+    run_bench(BenchOptions(steps=(4,), batch_size=1, repeats=2), progress=lambda d, t, label: seen.append((d, t)),
+              entries=entries)
+    total = (1 + 2) + 2 * (1 + 2 * 2)  # baseline warm-up + seeds, then per config warm-up + pairs
+    assert seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
