@@ -75,10 +75,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         files += figures
         if skipped:
             print(f"note: {skipped}")
-    failed = sum(r.status != "ok" for r in report.rows)
-    print(f"{len(report.rows)} configs ({failed} failed) in {report.elapsed_s:.0f} s; wrote "
-          + ", ".join(str(f) for f in files))
-    return 0
+    print(f"{_outcome(report.rows)} in {report.elapsed_s:.0f} s; wrote " + ", ".join(str(f) for f in files))
+    # A config the backend refuses is a documented result; one that fails while running is a bug.
+    return 1 if any(r.status == "error" for r in report.rows) else 0
+
+
+def _outcome(rows: list[Any]) -> str:
+    """E.g. "13 configs: 12 measured, 1 refused by its backend (unsupported), 0 errors"."""
+    count = {status: sum(r.status == status for r in rows) for status in ("ok", "unsupported", "error")}
+    return (f"{len(rows)} configs: {count['ok']} measured, {count['unsupported']} refused by its backend "
+            f"(unsupported), {count['error']} errors")
 
 
 def _bench_options(args: argparse.Namespace, options_class: Any) -> Any:

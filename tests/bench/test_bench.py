@@ -125,3 +125,28 @@ def test_progress_counts_every_run_exactly_once():
     total = (1 + 2) + 2 * (1 + 2 * 2)  # baseline warm-up + seeds, then per config warm-up + pairs
     assert seen[-1] == (total, total)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_cli_exits_1_when_a_config_errors_while_running(tmp_path, capsys, monkeypatch):
+    """A refused config is a documented result (exit 0); one that crashes mid-run is a bug (exit 1).
+
+    The CLI's run_bench is the real one given a fixed sweep whose second cached pipeline fails
+    inside its call, so the crash happens in real bench code, not in a stand-in."""
+    import functools
+
+    import phyai_cache.bench.runner as bench_runner
+
+    entries = [SweepEntry("refused", "native", "dbcache", {"front_blocks": 4, "back_blocks": 3}),
+               SweepEntry("fine", "native", "fbcache", {"threshold": 0.4}),
+               SweepEntry("crashes", "native", "fbcache", {"threshold": 0.2})]
+    real = functools.partial(run_bench, entries=entries, workload_factory=_poisoning_factory({3}))
+    monkeypatch.setattr(bench_runner, "run_bench", real)
+    args = ["bench", "--quick", "--steps", str(STEPS), "--batch-size", str(BATCH), "--no-figures",
+            "--out", str(tmp_path)]
+    assert main(args) == 1
+    assert "3 configs: 1 measured, 1 refused by its backend (unsupported), 1 errors" in capsys.readouterr().out
+
+    real = functools.partial(run_bench, entries=entries[:2])
+    monkeypatch.setattr(bench_runner, "run_bench", real)
+    assert main(args) == 0
+    assert "2 configs: 1 measured, 1 refused by its backend (unsupported), 0 errors" in capsys.readouterr().out
