@@ -1,0 +1,105 @@
+"""phyai_cache with the oldest cache-dit the adapter serves (1.1.8, beside diffusers 0.35.x): what
+list_backends() reports, the features refused at that version, and that what exists works with our
+lifecycle and CFG guarantees. Runs against the real installed release (see .ci/compat); nothing
+here patches the version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read once, when cache_dit is first imported
+
+from phyai_cache import (  # noqa: E402
+    BackendUnavailableError,
+    DiTCacheConfigError,
+    disable_dit_cache,
+    enable_dit_cache,
+    list_backends,
+)
+from phyai_cache.testing import build_tiny_pipeline  # noqa: E402
+from phyai_cache.versions import MIN_VERSIONS, at_least, backend_version  # noqa: E402
+
+INSTALLED = backend_version("cache_dit")
+TABLE = MIN_VERSIONS["cache_dit"]
+ON = {"enabled": True, "backend": "cache_dit", "threshold": 0.6, "warmup_steps": 1}
+
+pytestmark = pytest.mark.skipif(
+    INSTALLED is None or at_least(INSTALLED, TABLE["max_continuous_streak"]),
+    reason=f"needs a cache-dit older than {TABLE['max_continuous_streak']} (.ci/compat installs one); "
+           f"found {INSTALLED}",
+)
+
+
+@pytest.fixture
+def flux():
+    tiny = build_tiny_pipeline("flux")
+    yield tiny
+    disable_dit_cache(tiny.pipe)
+
+
+def cache_dit_report():
+    return next(r for r in list_backends() if r.name == "cache_dit")
+
+
+def test_list_backends_reports_the_old_cache_dit():
+    report = cache_dit_report()
+    assert report.installed and report.version == INSTALLED
+    assert report.available_strategies == ["fbcache", "dbcache"]
+    assert "calibrator" in report.strategies["taylorseer"].reason
+
+
+def test_the_streak_cap_is_refused_before_upstream_counts_it_like_we_do(flux):
+    reference = flux.run(num_inference_steps=4)
+    with pytest.raises(DiTCacheConfigError) as info:
+        enable_dit_cache(flux.pipe, **ON, max_consecutive_cached=2)
+    assert info.value.field == "max_consecutive_cached"
+    assert TABLE["max_continuous_streak"] in str(info.value) and "backend 'native'" in str(info.value)
+    assert torch.equal(flux.run(num_inference_steps=4), reference)  # untouched
+
+
+def test_missing_accelerate_is_reported_at_enable(flux, monkeypatch):
+    """cache-dit < 1.2.0 imports accelerate in enable_cache without declaring it. accelerate is
+    installed here, so its absence is simulated by a patched importlib.util.find_spec."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a))
+    reference = flux.run(num_inference_steps=4)
+    with pytest.raises(BackendUnavailableError, match=rf"pip install accelerate.*>= {TABLE['accelerate_optional']}"):
+        enable_dit_cache(flux.pipe, **ON)
+    assert torch.equal(flux.run(num_inference_steps=4), reference)
+
+
+@pytest.mark.parametrize("settings", [{}, {"strategy": "dbcache", "front_blocks": 1, "back_blocks": 1},
+                                      {"taylorseer_order": 1}], ids=["fbcache", "dbcache", "fbcache+taylorseer"])
+def test_what_exists_works_run_after_run_with_separate_branches(flux, settings):
+    handle = enable_dit_cache(flux.pipe, **ON, **settings)
+    first = flux.run(num_inference_steps=8, cfg=True)
+    stats = handle.last_run
+    assert 0 < stats.steps_cached < stats.steps_total and stats.branches == ["cond", "uncond"]
+    assert stats.blocks_computed < stats.blocks_total
+    assert torch.equal(flux.run(num_inference_steps=8, cfg=True), first)  # run after run = fresh run
+    fresh = build_tiny_pipeline("flux")
+    enable_dit_cache(fresh.pipe, **ON, **settings)
+    assert torch.equal(fresh.run(num_inference_steps=8, cfg=True), first)
+    disable_dit_cache(fresh.pipe)
+
+
+def test_a_run_that_raises_leaves_no_state(flux):
+    handle = enable_dit_cache(flux.pipe, **ON)
+    clean = flux.run(num_inference_steps=6, cfg=True)
+
+    def explode(pipe, step, timestep, callback_kwargs):
+        if step == 3:
+            raise RuntimeError("cancelled")
+        return callback_kwargs
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        flux.pipe(**flux.call_kwargs(num_inference_steps=6, cfg=True), callback_on_step_end=explode)
+    assert handle.last_run.completed is False
+    assert torch.equal(flux.run(num_inference_steps=6, cfg=True), clean)
+
