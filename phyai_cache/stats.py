@@ -34,10 +34,13 @@ class RunStats:
     here, and ``records`` says which branch each belongs to. ``blocks_total`` is what an uncached
     run would have executed; ``blocks_computed`` counts block forwards that really ran.
 
-    ``peak_memory_bytes``: on CUDA, ``torch.cuda.max_memory_allocated`` over the run (the peak is
-    reset at run start); on CPU, the largest resident set size of the process sampled at run start,
-    after each transformer call and at run end (``memory_kind`` says which). ``cache_bytes`` is the
-    largest amount of tensor memory the cache itself held during the run.
+    ``peak_memory_bytes`` (``memory_kind`` says which): on CUDA, the device's
+    ``max_memory_allocated`` when the run raised it (``"cuda_max_allocated"``, exact), otherwise the
+    largest ``memory_allocated`` sampled at run start, after each transformer call and at run end
+    (``"cuda_allocated_sampled"``, a lower bound: the run stayed below an earlier peak); on CPU, the
+    largest resident set size of the process sampled at the same points (``"cpu_rss_sampled"``).
+    The process-wide CUDA peak counter is never reset: phyai and its users read it too.
+    ``cache_bytes`` is the largest amount of tensor memory the cache itself held during the run.
     """
 
     backend: str
@@ -96,34 +99,36 @@ class RunStats:
 
 
 class RunClock:
-    """Latency and peak-memory measurement around one run."""
+    """Latency and peak-memory measurement around one run, without side effects on the process."""
 
     def __init__(self, device: torch.device | None) -> None:
         self.cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
         self.device = device
-        self.peak_rss = 0
+        self.peak_sampled = 0
+        self.cuda_peak_before = 0
         if self.cuda:
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            self.sample()
+            # Read, never reset: resetting would change the process-wide figure others rely on.
+            self.cuda_peak_before = torch.cuda.max_memory_allocated(device)
+        self.sample()
         self.start = time.perf_counter()
 
     def sample(self) -> None:
-        if not self.cuda:
-            self.peak_rss = max(self.peak_rss, current_rss_bytes())
+        current = torch.cuda.memory_allocated(self.device) if self.cuda else current_rss_bytes()
+        self.peak_sampled = max(self.peak_sampled, current)
 
     def stop(self, stats: RunStats) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         stats.latency_s = time.perf_counter() - self.start
+        self.sample()
+        stats.peak_memory_bytes, stats.memory_kind = self.peak_sampled, "cpu_rss_sampled"
         if self.cuda:
-            stats.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
-            stats.memory_kind = "cuda_max_allocated"
-        else:
-            self.sample()
-            stats.peak_memory_bytes = self.peak_rss
-            stats.memory_kind = "cpu_rss_sampled"
+            peak_after = torch.cuda.max_memory_allocated(self.device)
+            if peak_after > self.cuda_peak_before:  # the device's peak was reached inside this run
+                stats.peak_memory_bytes, stats.memory_kind = int(peak_after), "cuda_max_allocated"
+            else:
+                stats.memory_kind = "cuda_allocated_sampled"
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
