@@ -81,10 +81,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _outcome(rows: list[Any]) -> str:
-    """E.g. "13 configs: 12 measured, 1 refused by its backend (unsupported), 0 errors"."""
+    """E.g. "13 configs: 12 measured, 1 unsupported (refused at enable), 0 errors"."""
     count = {status: sum(r.status == status for r in rows) for status in ("ok", "unsupported", "error")}
-    return (f"{len(rows)} configs: {count['ok']} measured, {count['unsupported']} refused by its backend "
-            f"(unsupported), {count['error']} errors")
+    return (f"{len(rows)} configs: {count['ok']} measured, "
+            f"{count['unsupported']} unsupported (refused at enable), {count['error']} errors")
 
 
 def _bench_options(args: argparse.Namespace, options_class: Any) -> Any:

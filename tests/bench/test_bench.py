@@ -144,9 +144,9 @@ def test_cli_exits_1_when_a_config_errors_while_running(tmp_path, capsys, monkey
     args = ["bench", "--quick", "--steps", str(STEPS), "--batch-size", str(BATCH), "--no-figures",
             "--out", str(tmp_path)]
     assert main(args) == 1
-    assert "3 configs: 1 measured, 1 refused by its backend (unsupported), 1 errors" in capsys.readouterr().out
+    assert "3 configs: 1 measured, 1 unsupported (refused at enable), 1 errors" in capsys.readouterr().out
 
     real = functools.partial(run_bench, entries=entries[:2])
     monkeypatch.setattr(bench_runner, "run_bench", real)
     assert main(args) == 0
-    assert "2 configs: 1 measured, 1 refused by its backend (unsupported), 0 errors" in capsys.readouterr().out
+    assert "2 configs: 1 measured, 1 unsupported (refused at enable), 0 errors" in capsys.readouterr().out
