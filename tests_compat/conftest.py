@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from phyai_cache import disable_dit_cache, list_backends
+from phyai_cache.testing import build_tiny_pipeline
 from phyai_cache.versions import MIN_VERSIONS, at_least, backend_version
 
 torch.set_num_threads(1)  # tiny models: threads only add noise on shared cores
@@ -22,3 +24,17 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if expected and installed != expected:
         raise pytest.UsageError(f"tests_compat: expected diffusers {expected}, found {installed}")
+
+
+@pytest.fixture
+def flux():
+    """A fresh tiny FluxPipeline; its cache, if any, is disabled after the test."""
+    tiny = build_tiny_pipeline("flux")
+    yield tiny
+    disable_dit_cache(tiny.pipe)
+
+
+@pytest.fixture
+def reports():
+    """list_backends() by backend name."""
+    return {report.name: report for report in list_backends()}

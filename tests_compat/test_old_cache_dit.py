@@ -18,11 +18,8 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read once, when cache_d
 from phyai_cache import (  # noqa: E402
     BackendUnavailableError,
     DiTCacheConfigError,
-    disable_dit_cache,
     enable_dit_cache,
-    list_backends,
 )
-from phyai_cache.testing import build_tiny_pipeline  # noqa: E402
 from phyai_cache.versions import MIN_VERSIONS, at_least, backend_version  # noqa: E402
 
 INSTALLED = backend_version("cache_dit")
@@ -36,19 +33,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def flux():
-    tiny = build_tiny_pipeline("flux")
-    yield tiny
-    disable_dit_cache(tiny.pipe)
-
-
-def cache_dit_report():
-    return next(r for r in list_backends() if r.name == "cache_dit")
-
-
-def test_list_backends_reports_the_old_cache_dit():
-    report = cache_dit_report()
+def test_list_backends_reports_the_old_cache_dit(reports):
+    report = reports["cache_dit"]
     assert report.installed and report.version == INSTALLED
     assert report.available_strategies == ["fbcache", "dbcache"]
     assert "calibrator" in report.strategies["taylorseer"].reason

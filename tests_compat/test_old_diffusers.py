@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phyai_cache import BackendUnavailableError, disable_dit_cache, enable_dit_cache, list_backends
+from phyai_cache import BackendUnavailableError, disable_dit_cache, enable_dit_cache
 from phyai_cache.testing import build_tiny_pipeline
 from phyai_cache.versions import MIN_VERSIONS, backend_version
 
@@ -16,19 +16,8 @@ OLD_STRATEGIES = ("fbcache", "pab", "fastercache")  # present since 0.33 / 0.35
 NEW_STRATEGIES = ("taylorseer", "magcache")  # 0.36 / 0.37
 
 
-@pytest.fixture
-def flux():
-    tiny = build_tiny_pipeline("flux")
-    yield tiny
-    disable_dit_cache(tiny.pipe)
-
-
-def diffusers_report():
-    return next(r for r in list_backends() if r.name == "diffusers")
-
-
-def test_list_backends_reports_the_old_diffusers():
-    report = diffusers_report()
+def test_list_backends_reports_the_old_diffusers(reports):
+    report = reports["diffusers"]
     assert report.installed and report.version == INSTALLED
     assert report.available_strategies == list(OLD_STRATEGIES)
     for strategy in NEW_STRATEGIES:
