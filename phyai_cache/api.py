@@ -10,7 +10,8 @@ from typing import Any
 from .blocks import BlocksArg
 from .config import ConfigSource, DiTCacheConfig, load_config
 from .errors import CacheStateError
-from .lifecycle import HANDLE_ATTR, CacheTarget, Lifecycle, resolve_target
+from .lifecycle import HANDLE_ATTR, Lifecycle, resolve_target
+from .runtime import CacheTarget
 from .registry import resolve_backend
 from .stats import RunStats
 

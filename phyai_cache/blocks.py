@@ -265,6 +265,17 @@ def _argument(args: tuple, kwargs: dict, name: str | None, position: int | None)
     raise CacheStateError(f"block called without its '{name or position}' argument")
 
 
+def check_block_counts(front: int, back: int, total: int, where: str = "") -> None:
+    """At least one middle block must remain between the front and back blocks, or nothing could
+    ever be skipped. ``where`` adds to the message what the ``total`` blocks are."""
+    if front + back < total:
+        return
+    context = f"for this model ({total} blocks{where}"
+    if front >= total:
+        raise DiTCacheConfigError("front_blocks", front, f"1 to {max(total - 1 - back, 1)} {context}, back_blocks={back})")
+    raise DiTCacheConfigError("back_blocks", back, f"0 to {max(total - 1 - front, 0)} {context}, front_blocks={front})")
+
+
 def _tuple_length(spec: BlockSpec) -> int:
     indices = [i for i in (spec.return_hidden_states_index, spec.return_encoder_hidden_states_index) if i is not None]
     return max(indices) + 1 if indices else 0

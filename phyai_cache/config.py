@@ -11,7 +11,6 @@ are filled in at construction, so ``to_dict()`` always shows the values that wil
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import numbers
@@ -22,42 +21,15 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import DiTCacheConfigError
+from .errors import DiTCacheConfigError, did_you_mean
+from .strategies import BACKENDS, STRATEGY_SPECIFIC_FIELDS, get_strategy, strategy_names
 
-BACKENDS: tuple[str, ...] = ("auto", "native", "diffusers", "cache_dit")
-STRATEGIES: tuple[str, ...] = ("fbcache", "dbcache", "taylorseer", "pab", "fastercache", "magcache")
-SEPARATE_CFG_CHOICES: tuple[Any, ...] = (True, False, "auto")
 MAX_TAYLORSEER_ORDER = 4
 
-# Which unified fields carry a meaning for which strategy. Setting a field that a strategy does not
-# use is an error, never silently ignored. ``enabled``, ``backend``, ``strategy``, ``separate_cfg``
-# and ``options`` apply to every strategy.
-_STEP_SCHEDULE = ("warmup_steps", "active_steps", "max_cached_steps", "max_consecutive_cached", "compute_mask")
-STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
-    "fbcache": ("threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order"),
-    "dbcache": ("threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order"),
-    "taylorseer": ("taylorseer_order", "cache_interval", "compute_mask", "warmup_steps", "active_steps"),
-    "pab": ("active_steps",),
-    "fastercache": ("active_steps",),
-    "magcache": ("threshold", "warmup_steps", "active_steps", "max_consecutive_cached"),
-}
-
-# Defaults filled in per strategy (only for the fields the strategy uses). The tiers in configs/
-# are the calibrated alternatives; these are conservative starting points.
-STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fbcache": {"threshold": 0.12, "front_blocks": 1, "back_blocks": 0, "warmup_steps": 2},
-    "dbcache": {"threshold": 0.12, "front_blocks": 1, "back_blocks": 1, "warmup_steps": 2},
-    "taylorseer": {"taylorseer_order": 1, "cache_interval": 3, "warmup_steps": 2},
-    "pab": {},
-    "fastercache": {},
-    "magcache": {"threshold": 0.06, "warmup_steps": 2, "max_consecutive_cached": 3},
-}
-
-# fbcache is the Fn=1, Bn=0 case of dbcache by definition; other block counts need dbcache.
-_FIXED_FIELDS: dict[str, dict[str, Any]] = {"fbcache": {"front_blocks": 1, "back_blocks": 0}}
-
-# Fields whose "not set" value is None and stays None (unlimited / off) after defaults.
-_OPTIONAL_FIELDS = ("max_cached_steps", "max_consecutive_cached", "taylorseer_order")
+# Which unified fields carry a meaning for which strategy, their defaults and the values that define
+# a strategy are declared once per strategy in phyai_cache/strategies/. Setting a field that a
+# strategy does not use is an error, never silently ignored. ``enabled``, ``backend``, ``strategy``,
+# ``separate_cfg`` and ``options`` apply to every strategy.
 
 SeparateCFG = Union[bool, Literal["auto"]]
 
@@ -74,7 +46,8 @@ class DiTCacheConfig:
         ``"auto"`` (best installed backend for the strategy, falling back to native),
         ``"native"``, ``"diffusers"`` or ``"cache_dit"``.
     strategy:
-        ``"fbcache"``, ``"dbcache"``, ``"taylorseer"``, ``"pab"``, ``"fastercache"``, ``"magcache"``.
+        A strategy declared in ``phyai_cache/strategies/``: ``"fbcache"``, ``"dbcache"``,
+        ``"taylorseer"``, ``"pab"``, ``"fastercache"``, ``"magcache"``.
     threshold:
         Relative-L1 change of the decision residual below which a step reuses the cache. Higher is
         faster and less faithful.
@@ -122,7 +95,7 @@ class DiTCacheConfig:
     def __post_init__(self) -> None:
         self._set("enabled", _check_bool("enabled", self.enabled))
         self._set("backend", _check_choice("backend", self.backend, BACKENDS, aliases=_BACKEND_ALIASES))
-        self._set("strategy", _check_choice("strategy", self.strategy, STRATEGIES))
+        self._set("strategy", _check_choice("strategy", self.strategy, strategy_names()))
         self._validate_values()
         self._check_strategy_fields()
         self._fill_strategy_defaults()
@@ -163,28 +136,25 @@ class DiTCacheConfig:
         self._set("options", _check_options(self.options))
 
     def _check_strategy_fields(self) -> None:
-        used = STRATEGY_FIELDS[self.strategy]
-        for name in _ALL_STRATEGY_FIELDS:
+        spec = get_strategy(self.strategy)
+        for name in STRATEGY_SPECIFIC_FIELDS:
             value = getattr(self, name)
-            if value is None or name in used:
+            if value is None or name in spec.fields:
                 continue
-            users = [s for s, names in STRATEGY_FIELDS.items() if name in names]
+            users = [s for s in strategy_names() if name in get_strategy(s).fields]
             raise DiTCacheConfigError(
                 name, value, "null (unset) for strategy " + repr(self.strategy),
                 hint=f"{name} has no meaning for {self.strategy!r}; it applies to {', '.join(users)}",
             )
-        for name, fixed in _FIXED_FIELDS.get(self.strategy, {}).items():
+        for name, fixed in spec.fixed.items():
             value = getattr(self, name)
             if value is not None and value != fixed:
-                raise DiTCacheConfigError(
-                    name, value, f"{fixed} for strategy {self.strategy!r}",
-                    hint="fbcache always computes exactly the first block; use strategy 'dbcache' "
-                         "for other front/back block counts",
-                )
+                raise DiTCacheConfigError(name, value, f"{fixed} for strategy {self.strategy!r}", hint=spec.fixed_hint)
 
     def _fill_strategy_defaults(self) -> None:
-        used = STRATEGY_FIELDS[self.strategy]
-        for name, default in STRATEGY_DEFAULTS[self.strategy].items():
+        spec = get_strategy(self.strategy)
+        used = spec.fields
+        for name, default in spec.defaults.items():
             if name == "cache_interval" and self.compute_mask is not None:
                 continue  # the mask is the schedule
             if getattr(self, name) is None:
@@ -205,7 +175,7 @@ class DiTCacheConfig:
                 shown = key if isinstance(key, str) and key.isidentifier() else repr(key)
                 raise DiTCacheConfigError(
                     shown, mapping[key], "one of " + ", ".join(known),
-                    hint=_did_you_mean(key, known) or "unknown field",
+                    hint=did_you_mean(key, known) or "unknown field",
                 )
         return cls(**dict(mapping))
 
@@ -240,9 +210,6 @@ class DiTCacheConfig:
 
 
 _BACKEND_ALIASES = {"cache-dit": "cache_dit", "cachedit": "cache_dit"}
-_ALL_STRATEGY_FIELDS = (
-    "threshold", "front_blocks", "back_blocks", *_STEP_SCHEDULE, "taylorseer_order", "cache_interval",
-)
 _STRATEGY_INDEPENDENT_FIELDS = ("enabled", "backend", "strategy", "separate_cfg", "options")
 
 
@@ -330,7 +297,7 @@ def _read_yaml_source(source: str | Path) -> Mapping[str, Any]:
     names = list_presets()
     raise DiTCacheConfigError(
         "<config>", str(source), "an existing YAML file or a preset: " + ", ".join(names),
-        hint=_did_you_mean(str(source), names) or "no such file or preset",
+        hint=did_you_mean(str(source), names) or "no such file or preset",
     )
 
 
@@ -357,7 +324,7 @@ def preset_path(name: str) -> Path:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         names = list_presets()
-        raise DiTCacheConfigError("<preset>", name, ", ".join(names), hint=_did_you_mean(name, names))
+        raise DiTCacheConfigError("<preset>", name, ", ".join(names), hint=did_you_mean(name, names))
     return path
 
 
@@ -376,7 +343,7 @@ def _check_choice(name: str, value: Any, choices: Sequence[str], aliases: Mappin
         normalized = aliases.get(normalized, normalized)
         if normalized in choices:
             return normalized
-    hint = _did_you_mean(value, choices) if isinstance(value, str) else ""
+    hint = did_you_mean(value, choices) if isinstance(value, str) else ""
     raise DiTCacheConfigError(name, value, ", ".join(repr(c) for c in choices), hint=hint)
 
 
@@ -463,18 +430,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _did_you_mean(word: Any, choices: Sequence[str]) -> str:
-    if not isinstance(word, str):
-        return ""
-    close = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else ""
-
-
 __all__ = [
     "BACKENDS",
-    "STRATEGIES",
-    "STRATEGY_DEFAULTS",
-    "STRATEGY_FIELDS",
     "DiTCacheConfig",
     "load_config",
     "list_presets",

@@ -6,6 +6,8 @@ exactly as it was.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -41,6 +43,15 @@ class CacheStateError(PhyaiCacheError, RuntimeError):
     Examples: enabling twice on the same target, or a model whose blocks do not run in the order the
     cache was built for.
     """
+
+
+def did_you_mean(word: Any, choices: Sequence[str]) -> str:
+    """``"did you mean 'x'?"`` for the closest of ``choices`` (case-insensitive), or ``""``."""
+    if not isinstance(word, str):
+        return ""
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

@@ -11,25 +11,26 @@ from typing import Any
 
 import torch
 
-from ._patch import InstancePatch
-from .lifecycle import Lifecycle
+from ._patch import UndoStack
+from .runtime import CallSource
 
 
 class BlockCounter:
     """Instance-level counting wrappers on a list of blocks; ``remove()`` restores them exactly."""
 
-    def __init__(self, blocks: list[torch.nn.Module], lifecycle: Lifecycle) -> None:
+    def __init__(self, blocks: list[torch.nn.Module], lifecycle: CallSource) -> None:
         self.lifecycle = lifecycle
-        self._patches: list[InstancePatch] = []
+        self._undo = UndoStack()
         try:
             for block in blocks:
-                self._patches.append(InstancePatch(block, "forward", self._wrap(block.forward)))
+                self._undo.patch(block, "forward", self._wrap(block.forward))
         except BaseException:
             self.remove()
             raise
+        self.count = len(blocks)
 
     def __len__(self) -> int:
-        return len(self._patches)
+        return self.count
 
     def _wrap(self, original: Any) -> Any:
         lifecycle = self.lifecycle
@@ -43,6 +44,4 @@ class BlockCounter:
         return forward
 
     def remove(self) -> None:
-        for patch in reversed(self._patches):
-            patch.restore()
-        self._patches.clear()
+        self._undo.undo()

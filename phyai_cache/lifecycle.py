@@ -24,38 +24,20 @@ import functools
 import inspect
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ._patch import ClassSwap, InstancePatch
+from ._patch import ClassSwap, InstancePatch, UndoStack
+from .adapters.base import Installation
+from .config import DiTCacheConfig
 from .errors import CacheStateError, DiTCacheConfigError
-from .stats import RunClock, RunStats, StepRecord
-
-if TYPE_CHECKING:
-    from .adapters.base import Installation
-    from .config import DiTCacheConfig
+from .runtime import CacheTarget, CallInfo, RunState
+from .stats import RunStats
 
 logger = logging.getLogger("phyai_cache")
 
 HANDLE_ATTR = "_phyai_cache_handle"
-
-
-@dataclass
-class CacheTarget:
-    """What the cache is applied to: a transformer, and the pipeline that owns it if any."""
-
-    transformer: torch.nn.Module
-    pipeline: Any = None
-
-    @property
-    def kind(self) -> str:
-        return "pipeline" if self.pipeline is not None else "module"
-
-    @property
-    def objects(self) -> list[Any]:
-        return [o for o in (self.pipeline, self.transformer) if o is not None]
 
 
 def resolve_target(target: Any) -> CacheTarget:
@@ -72,64 +54,6 @@ def resolve_target(target: Any) -> CacheTarget:
     )
 
 
-@dataclass
-class CallInfo:
-    """One transformer call in a run. Backends fill in the decision they took."""
-
-    branch: str
-    step: int
-    blocks_computed: int = 0
-    decision: str | None = None
-    reason: str = ""
-    diff: float | None = None
-    scratch: Any = None  # the backend's per-call working state
-    args: tuple = ()  # the transformer call's own arguments (references, not copies)
-    kwargs: dict[str, Any] | None = None
-
-
-class RunState:
-    """Everything that exists for one run only."""
-
-    def __init__(self, stats: RunStats, device: torch.device | None) -> None:
-        self.stats = stats
-        self.clock = RunClock(device)
-        self.current: CallInfo | None = None
-        self.backend_state: Any = None  # per-run state owned by the backend
-        self._branch_steps: dict[str, int] = {}
-        self._step_key: Any = None
-        self._calls_in_step = 0
-
-    def begin_call(self, branch: str, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CallInfo:
-        step = self._branch_steps.get(branch, 0)
-        self._branch_steps[branch] = step + 1
-        self.current = CallInfo(branch=branch, step=step, args=args, kwargs=kwargs)
-        return self.current
-
-    def end_call(self, call: CallInfo, blocks_per_call: int, raised: bool = False) -> None:
-        self.current = None
-        if raised and call.decision is None:
-            call.decision, call.reason = "computed", "raised"
-        elif call.decision is None:  # backends that do not report decisions: infer from block counts
-            call.decision = "cached" if call.blocks_computed < blocks_per_call else "computed"
-        self.stats.add(
-            StepRecord(call.step, call.branch, call.decision, call.reason, call.diff, call.blocks_computed),
-            blocks_per_call,
-        )
-        self.clock.sample()
-
-    def note_cache_bytes(self, nbytes: int) -> None:
-        self.stats.cache_bytes = max(self.stats.cache_bytes, nbytes)
-
-    def branch_by_step_key(self, key: Any) -> str:
-        """Name calls by their position within the step that ``key`` identifies."""
-        if key is not None and key is self._step_key:
-            self._calls_in_step += 1
-        else:
-            self._step_key = key
-            self._calls_in_step = 0
-        return f"call{self._calls_in_step}"
-
-
 class Lifecycle:
     """Owns the run scopes of one cache-enabled target and the patches that create them."""
 
@@ -142,8 +66,7 @@ class Lifecycle:
         self.last_run: RunStats | None = None
         self._explicit_branch: str | None = None
         self._context_name: str | None = None
-        self._patches: list[InstancePatch] = []
-        self._class_swap: ClassSwap | None = None
+        self._undo = UndoStack()
         self._warned_outside_run = False
 
     # -- installation -------------------------------------------------------------------------
@@ -153,28 +76,31 @@ class Lifecycle:
         self.installation = installation
         transformer = self.target.transformer
         try:
-            self._patches.append(InstancePatch(transformer, "forward", self._wrap_forward(transformer.forward)))
+            self._patch(transformer, "forward", self._wrap_forward(transformer.forward))
             if callable(getattr(transformer, "cache_context", None)):
-                wrapped = self._wrap_cache_context(transformer.cache_context)
-                self._patches.append(InstancePatch(transformer, "cache_context", wrapped))
+                self._patch(transformer, "cache_context", self._wrap_cache_context(transformer.cache_context))
             if self.target.pipeline is not None:
-                self._class_swap = ClassSwap(self.target.pipeline, {"__call__": self._wrap_pipeline_call()})
+                swap = ClassSwap(self.target.pipeline, {"__call__": self._wrap_pipeline_call()})
+                self._undo.push(swap.restore)
         except BaseException:
-            self.uninstall()
+            self._undo.undo()
             raise
 
-    def uninstall(self) -> None:
-        if self.run_state is not None:
-            raise CacheStateError("cannot disable the cache while a run is in progress")
-        if self._class_swap is not None:
-            self._class_swap.restore()
-            self._class_swap = None
-        for patch in reversed(self._patches):
+    def _patch(self, obj: Any, name: str, value: Any) -> None:
+        patch = InstancePatch(obj, name, value)
+
+        def restore() -> None:
             if not patch.is_current():
                 logger.warning("phyai_cache: %s.%s was replaced by someone else after the cache was enabled; "
                                "restoring the original anyway", type(patch.obj).__name__, patch.name)
             patch.restore()
-        self._patches.clear()
+
+        self._undo.push(restore)
+
+    def uninstall(self) -> None:
+        if self.run_state is not None:
+            raise CacheStateError("cannot disable the cache while a run is in progress")
+        self._undo.undo()
 
     @property
     def pipeline_context_name(self) -> str | None:

@@ -7,24 +7,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from .adapters.base import Backend, StrategySupport
-from .config import BACKENDS, STRATEGIES, DiTCacheConfig
+from .config import BACKENDS, DiTCacheConfig
 from .errors import BackendUnavailableError
+from .strategies import get_strategy
 
 logger = logging.getLogger("phyai_cache")
 
 _REGISTRY: dict[str, Backend] = {}
 
-# For backend="auto": the backends tried for each strategy, best first. The native engine comes
-# first where it implements the strategy: its lifecycle, CFG handling and stats are our own and its
-# overhead is ours to control; upstream backends serve what it does not implement.
-AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "fbcache": ("native", "cache_dit", "diffusers"),
-    "dbcache": ("native", "cache_dit"),
-    "taylorseer": ("native", "diffusers"),
-    "pab": ("diffusers",),
-    "fastercache": ("diffusers",),
-    "magcache": ("diffusers",),
-}
+# For backend="auto", the backends are tried in the order a strategy's declaration lists them
+# (phyai_cache/strategies/): the native engine first where it implements the strategy, since its
+# lifecycle, CFG handling and stats are our own and its overhead is ours to control.
 
 
 def register_backend(backend: Backend) -> None:
@@ -91,7 +84,7 @@ def resolve_backend(config: DiTCacheConfig) -> Backend:
 
 def _resolve_auto(strategy: str) -> Backend:
     tried = []
-    for name in AUTO_PREFERENCE[strategy]:
+    for name in get_strategy(strategy).backends:
         backend = _REGISTRY.get(name)
         if backend is None:
             continue
@@ -153,4 +146,4 @@ _BUILTIN_ADAPTERS = (
 
 _register_builtin_backends()
 
-__all__ = ["AUTO_PREFERENCE", "BackendReport", "list_backends", "register_backend", "resolve_backend", "STRATEGIES"]
+__all__ = ["BackendReport", "list_backends", "register_backend", "resolve_backend"]

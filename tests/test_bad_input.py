@@ -7,7 +7,7 @@ import torch
 from snapshots import target_fingerprint
 from torch import nn
 
-import phyai_cache.adapters.native.chain as chain_module
+import phyai_cache._patch as patch_module
 import phyai_cache.lifecycle as lifecycle_module
 from phyai_cache import BackendUnavailableError, DiTCacheConfigError, enable_dit_cache
 
@@ -96,7 +96,7 @@ def test_unsupported_targets():
 
 def test_failure_half_way_through_install_is_rolled_back(untouched, monkeypatch):
     """Simulated failure (a patch that raises on the third block): earlier patches are undone."""
-    real_patch = chain_module.InstancePatch
+    real_patch = patch_module.InstancePatch
     calls = []
 
     def failing_patch(*args, **kwargs):
@@ -105,7 +105,7 @@ def test_failure_half_way_through_install_is_rolled_back(untouched, monkeypatch)
             raise RuntimeError("simulated failure while patching")
         return real_patch(*args, **kwargs)
 
-    monkeypatch.setattr(chain_module, "InstancePatch", failing_patch)
+    monkeypatch.setattr(patch_module, "InstancePatch", failing_patch)
     with pytest.raises(RuntimeError, match="simulated"):
         enable_dit_cache(untouched, **ON)
 

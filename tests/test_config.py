@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from phyai_cache import DiTCacheConfig, DiTCacheConfigError, list_presets, load_config
-from phyai_cache.config import STRATEGIES, STRATEGY_DEFAULTS, STRATEGY_FIELDS
+from phyai_cache.strategies import get_strategy, strategy_names
+
+STRATEGIES = strategy_names()
 
 
 def test_default_is_disabled_and_filled():
@@ -16,7 +18,7 @@ def test_default_is_disabled_and_filled():
     assert config.enabled is False
     data = config.to_dict()
     assert data["strategy"] == "fbcache"
-    assert data["threshold"] == STRATEGY_DEFAULTS["fbcache"]["threshold"]
+    assert data["threshold"] == get_strategy("fbcache").defaults["threshold"]
     assert (data["front_blocks"], data["back_blocks"]) == (1, 0)
     assert data["active_steps"] == [0, None]
 
@@ -24,10 +26,10 @@ def test_default_is_disabled_and_filled():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_defaults_are_visible_and_only_for_used_fields(strategy):
     data = DiTCacheConfig(strategy=strategy).to_dict()
-    for name, default in STRATEGY_DEFAULTS[strategy].items():
+    for name, default in get_strategy(strategy).defaults.items():
         assert data[name] == default
     for name in ("threshold", "front_blocks", "back_blocks", "taylorseer_order"):
-        if name not in STRATEGY_FIELDS[strategy]:
+        if name not in get_strategy(strategy).fields:
             assert data[name] is None
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import pytest
 
 import phyai_cache.registry as registry
+import phyai_cache.strategies as strategies
 from phyai_cache import BackendUnavailableError, DiTCacheConfig, list_backends
-from phyai_cache.adapters.base import Backend, StrategySupport, all_strategies, unsupported
-from phyai_cache.config import STRATEGIES
+import dataclasses
+
+from phyai_cache.adapters.base import Backend, StrategySupport, unsupported
+from phyai_cache.strategies import get_strategy, strategy_names
 
 
 def test_every_backend_reports_every_strategy():
     reports = list_backends()
     assert "native" in [r.name for r in reports]
     for report in reports:
-        assert set(report.strategies) == set(STRATEGIES)
+        assert set(report.strategies) == set(strategy_names())
         for support in report.strategies.values():
             assert support.available or support.reason, "an unavailable strategy must say why"
         assert report.to_dict()["name"] == report.name
@@ -40,12 +43,10 @@ class _OldBackend(Backend):
     def version(self):
         return self.installed_version
 
-    def strategy_support(self, version):
-        def support(strategy):
-            if strategy == "dbcache" and version is not None and version >= "1.0.4":
-                return StrategySupport(strategy, True, min_version="1.0.4")
-            return unsupported(strategy, "too old" if version else "not installed", "1.0.4")
-        return all_strategies(support)
+    def support(self, spec, version):
+        if spec.name == "dbcache" and version is not None and version >= "1.0.4":
+            return StrategySupport(spec.name, True, min_version="1.0.4")
+        return unsupported(spec.name, "too old" if version else "not installed", "1.0.4")
 
     def prepare(self, target, config, blocks=None):  # pragma: no cover - never reached
         raise AssertionError
@@ -74,7 +75,9 @@ def test_old_backend_error_gives_installed_and_minimum_versions(fake_backend):
 
 
 def test_auto_skips_backends_that_cannot_serve(fake_backend, monkeypatch):
-    monkeypatch.setitem(registry.AUTO_PREFERENCE, "dbcache", ("cache_dit", "native"))
+    # cache_dit first in dbcache's declared preference: auto must still skip it when it cannot serve.
+    spec = dataclasses.replace(get_strategy("dbcache"), backends=("cache_dit", "native"))
+    monkeypatch.setitem(strategies._SPECS, "dbcache", spec)
     assert registry.resolve_backend(DiTCacheConfig(enabled=True, strategy="dbcache")).name == "native"
 
 

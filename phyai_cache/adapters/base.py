@@ -7,9 +7,10 @@ configuration never leaves a half-modified model behind:
    returns a :class:`Plan`. It must not change anything.
 2. :meth:`Plan.install` applies the plan and returns an :class:`Installation`, which the front end
    calls at run boundaries and finally removes. If ``install`` raises, it must have undone its own
-   partial changes.
+   partial changes (an :class:`~phyai_cache._patch.UndoStack` does the bookkeeping).
 
-Per-run state belongs to the run (``RunState.backend_state``), never to the installation, so a new
+Per-run state belongs to the run: an installation keeps it in a typed
+:class:`~phyai_cache.runtime.RunStates`, opened in ``begin_run`` and closed in ``end_run``, so a new
 run can never see an old run's tensors.
 """
 
@@ -18,13 +19,12 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
+from typing import Any, ClassVar, ContextManager
 
-from ..config import STRATEGIES, DiTCacheConfig
+from ..config import DiTCacheConfig
+from ..runtime import CacheTarget, CallInfo, CallSource, RunState
+from ..strategies import StrategySpec, all_strategies
 from ..versions import backend_version
-
-if TYPE_CHECKING:
-    from ..lifecycle import CacheTarget, CallInfo, Lifecycle, RunState
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Plan(ABC):
     """A validated, not yet applied configuration of one backend for one target."""
 
     @abstractmethod
-    def install(self, lifecycle: Lifecycle) -> Installation:
+    def install(self, lifecycle: CallSource) -> Installation:
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -83,12 +83,15 @@ class Backend(ABC):
         """Installed version of the backend's package; None when not installed."""
         return backend_version(self.name)
 
-    def installed(self) -> bool:
-        return self.version() is not None
+    def strategy_support(self, version: str | None) -> dict[str, StrategySupport]:
+        """Support for every declared strategy at ``version``: the strategy's declaration says
+        whether this backend serves it at all (and why not), :meth:`support` the rest."""
+        return {spec.name: self.support(spec, version) if self.name in spec.backends
+                else unsupported(spec.name, spec.why_not(self.name)) for spec in all_strategies()}
 
     @abstractmethod
-    def strategy_support(self, version: str | None) -> dict[str, StrategySupport]:
-        """Support for every strategy name in ``STRATEGIES`` at ``version``."""
+    def support(self, spec: StrategySpec, version: str | None) -> StrategySupport:
+        """Support at ``version`` for a strategy declared as served by this backend."""
 
     def supports(self, strategy: str) -> StrategySupport:
         return self.strategy_support(self.version())[strategy]
@@ -100,7 +103,3 @@ class Backend(ABC):
 
 def unsupported(strategy: str, reason: str, min_version: str | None = None) -> StrategySupport:
     return StrategySupport(strategy, False, reason, min_version)
-
-
-def all_strategies(make: Any) -> dict[str, StrategySupport]:
-    return {strategy: make(strategy) for strategy in STRATEGIES}

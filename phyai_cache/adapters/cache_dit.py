@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import difflib
 import functools
 import logging
 import math
@@ -43,29 +42,24 @@ from typing import Any
 
 import torch
 
-from ..blocks import BlockList, BlocksArg, discover_blocks
+from ..blocks import BlockList, BlocksArg, check_block_counts, discover_blocks
 from ..config import DiTCacheConfig
-from ..errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
+from ..errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, did_you_mean
 from ..instrument import BlockCounter
-from ..lifecycle import CacheTarget, CallInfo, Lifecycle, RunState
+from .._patch import DictSnapshot
+from ..decision import SharedDecisions
+from ..runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates
+from ..strategies import StrategySpec
 from ..stats import tensor_bytes
 from ..versions import MIN_VERSIONS, feature_available
-from .base import Backend, Installation, Plan, StrategySupport, all_strategies, unsupported
+from .base import Backend, Installation, Plan, StrategySupport, unsupported
 
 logger = logging.getLogger("phyai_cache")
 
 BACKEND = "cache_dit"
+# The strategies this adapter implements (DBCache with F1B0 or FnBn); which backends serve which
+# strategy, and why not, is declared in phyai_cache/strategies/ (a test checks the two agree).
 SERVED_STRATEGIES = ("fbcache", "dbcache")
-
-# Why the other strategies are not served by this backend.
-_NOT_SERVED = {  # the registry appends which installed backends can serve them instead
-    "taylorseer": "cache-dit has no standalone TaylorSeer: its TaylorSeer is a calibrator on top of DBCache "
-                  "(strategy 'dbcache' or 'fbcache' with taylorseer_order=k here)",
-    "pab": "cache-dit does not implement Pyramid Attention Broadcast",
-    "fastercache": "cache-dit does not implement FasterCache",
-    "magcache": "cache-dit does not implement MagCache",
-}
-
 # DBCacheConfig fields that duplicate a unified field: set the unified field instead.
 _UNIFIED_EQUIVALENTS = {
     "Fn_compute_blocks": "front_blocks",
@@ -113,22 +107,18 @@ class CacheDiTBackend(Backend):
     name = BACKEND
     description = "Cache-DiT's DBCache (+ TaylorSeer calibrator), driven per run and branch by phyai_cache"
 
-    def strategy_support(self, version: str | None) -> dict[str, StrategySupport]:
+    def support(self, spec: StrategySpec, version: str | None) -> StrategySupport:
         minimum = MIN_VERSIONS[BACKEND]["dbcache"]
-
-        def support(strategy: str) -> StrategySupport:
-            if strategy not in SERVED_STRATEGIES:
-                return unsupported(strategy, _NOT_SERVED[strategy])
-            if version is None:
-                return unsupported(strategy, "cache-dit is not installed", minimum)
-            if not feature_available(BACKEND, strategy, version):
-                return unsupported(
-                    strategy, f"cache-dit {version} predates what this adapter needs (DBCacheConfig, "
-                              "transformer-only BlockAdapter(pipe=None) whose persistent context does not "
-                              "demand num_inference_steps, the cache_dit.caching package)", minimum)
-            return StrategySupport(strategy, True, min_version=minimum)
-
-        return all_strategies(support)
+        if spec.name not in SERVED_STRATEGIES:
+            return unsupported(spec.name, "declared as served by cache_dit, but this adapter has no mapping for it")
+        if version is None:
+            return unsupported(spec.name, "cache-dit is not installed", minimum)
+        if not feature_available(BACKEND, spec.name, version):
+            return unsupported(
+                spec.name, f"cache-dit {version} predates what this adapter needs (DBCacheConfig, "
+                           "transformer-only BlockAdapter(pipe=None) whose persistent context does not "
+                           "demand num_inference_steps, the cache_dit.caching package)", minimum)
+        return StrategySupport(spec.name, True, min_version=minimum)
 
     def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: BlocksArg = None) -> CacheDiTPlan:
         version = self.version()
@@ -139,7 +129,8 @@ class CacheDiTBackend(Backend):
         _check_version_gated_fields(config, version)
         _check_undeclared_dependencies(version)
         chain = ChainSpec.from_lists(target.transformer, discover_blocks(target.transformer, blocks))
-        _check_block_counts(config, chain)
+        check_block_counts(config.front_blocks, config.back_blocks, len(chain),
+                           where=f" in the chain {' + '.join(chain.paths)}")
         settings = _cache_settings(config)  # imports cache_dit (options are checked against its fields)
         _check_internals()
         if config.threshold is not None and config.threshold >= 1.0:
@@ -175,21 +166,6 @@ def _check_undeclared_dependencies(version: str | None) -> None:
         raise BackendUnavailableError(
             f"cache-dit {version} imports accelerate in enable_cache without declaring it: pip install accelerate, "
             f"or cache-dit >= {MIN_VERSIONS[BACKEND]['accelerate_optional']}")
-
-
-def _check_block_counts(config: DiTCacheConfig, chain: ChainSpec) -> None:
-    """Cache-DiT asserts Fn/Bn against the block list only at the first forward; we check at enable.
-
-    At least one middle block must remain, otherwise nothing could ever be skipped.
-    """
-    front, back, total = config.front_blocks, config.back_blocks, len(chain)
-    if front + back < total:
-        return
-    where = f"for this model ({total} blocks in the chain {' + '.join(chain.paths)}"
-    if front >= total:
-        raise DiTCacheConfigError("front_blocks", front,
-                                  f"1 to {max(total - 1 - back, 1)} {where}, back_blocks={back})")
-    raise DiTCacheConfigError("back_blocks", back, f"0 to {max(total - 1 - front, 0)} {where}, front_blocks={front})")
 
 
 def _check_internals() -> None:
@@ -340,9 +316,8 @@ def _checked_options(config: DiTCacheConfig) -> dict[str, Any]:
         if name in _REFUSED_OPTIONS:
             raise DiTCacheConfigError(field, value, "not set here", hint=_REFUSED_OPTIONS[name])
         if name not in known:
-            close = difflib.get_close_matches(name, passthrough, n=1)
             raise DiTCacheConfigError(field, value, "one of " + ", ".join(passthrough) + " (cache-dit DBCacheConfig)",
-                                      hint=f"did you mean {close[0]!r}?" if close else "unknown cache-dit option")
+                                      hint=did_you_mean(name, passthrough) or "unknown cache-dit option")
         checked[name] = _check_option_value(field, name, value)
     return checked
 
@@ -366,7 +341,7 @@ class CacheDiTPlan(Plan):
         self.config = config
         self.settings = settings
 
-    def install(self, lifecycle: Lifecycle) -> Installation:
+    def install(self, lifecycle: CallSource) -> Installation:
         return CacheDiTInstallation(self.chain, self.config, self.settings, lifecycle)
 
     def describe(self) -> dict[str, Any]:
@@ -390,8 +365,8 @@ class CacheDiTPlan(Plan):
 class _RunContexts:
     """The cache-dit contexts of one run, one per branch, and the shared CFG decisions."""
 
+    shared: SharedDecisions
     contexts: dict[str, Any] = dataclasses.field(default_factory=dict)
-    shared: dict[int, tuple[str, bool]] = dataclasses.field(default_factory=dict)  # step -> (leader, cached)
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(*(t for t in ctx.buffers.values() if isinstance(t, torch.Tensor)))
@@ -417,13 +392,14 @@ class CacheDiTInstallation(Installation):
     """Cache-DiT applied to one transformer, driven per run and branch by our lifecycle."""
 
     def __init__(self, chain: ChainSpec, config: DiTCacheConfig, settings: CacheSettings,
-                 lifecycle: Lifecycle) -> None:
+                 lifecycle: CallSource) -> None:
         self.chain = chain
         self.settings = settings
         self.separate_cfg = config.separate_cfg is not False  # "auto": per branch, always correct
         self.lifecycle = lifecycle
         self.transformer = lifecycle.target.transformer
         self.blocks_per_call = len(chain)
+        self.runs: RunStates[_RunContexts] = RunStates()
         self._armed = False
         self._counter: BlockCounter | None = None
         self._restore: _InstanceRestore | None = None
@@ -497,12 +473,11 @@ class CacheDiTInstallation(Installation):
     # -- runs -----------------------------------------------------------------------------------
 
     def begin_run(self, run: RunState) -> None:
-        run.backend_state = _RunContexts()
+        self.runs.open(run, _RunContexts(SharedDecisions(enabled=not self.separate_cfg)))
 
     def end_run(self, run: RunState) -> None:
         self._armed = False
-        contexts: _RunContexts | None = run.backend_state
-        run.backend_state = None
+        contexts = self.runs.close(run)
         if contexts is not None:
             for context in contexts.contexts.values():
                 context.clear_buffers()
@@ -514,11 +489,11 @@ class CacheDiTInstallation(Installation):
 
     @contextlib.contextmanager
     def call_context(self, call: CallInfo) -> Iterator[None]:
-        contexts: _RunContexts = self.lifecycle.run_state.backend_state
+        contexts = self.runs[call.run]
         context = self._context_for(contexts, call.branch)
         self._extend_mask(context, call.step)
         before = _Before.read(context, call.step)
-        leader = self._leader(contexts, call)
+        leader = contexts.shared.leader(call.step, call.branch)
         self._armed = True
         try:
             with _forced_threshold(context, None if leader is None else (1.0 if leader[1] else 0.0)):
@@ -560,13 +535,6 @@ class CacheDiTInstallation(Installation):
             forced = position < self.settings.warmup_steps or position < start or (end is not None and position >= end)
             mask.append(1 if forced else 0)
 
-    def _leader(self, contexts: _RunContexts, call: CallInfo) -> tuple[str, bool] | None:
-        """With separate_cfg=False, the (branch, cached) another branch already decided at this step."""
-        if self.separate_cfg:
-            return None
-        decision = contexts.shared.get(call.step)
-        return decision if decision is not None and decision[0] != call.branch else None
-
     def _record(self, call: CallInfo, context: Any, before: _Before, leader: tuple[str, bool] | None,
                 contexts: _RunContexts) -> None:
         if context.get_current_step() != call.step:
@@ -578,9 +546,9 @@ class CacheDiTInstallation(Installation):
         call.decision = "cached" if cached else "computed"
         call.diff = raw if leader is None and _is_measured(raw) else None
         call.reason = self._reason(context, cached, raw, before, leader)
-        if leader is None and not self.separate_cfg:
-            contexts.shared[call.step] = (call.branch, cached)
-        self.lifecycle.run_state.note_cache_bytes(contexts.nbytes())
+        if leader is None:
+            contexts.shared.record(call.step, call.branch, cached)
+        call.run.note_cache_bytes(contexts.nbytes())
 
     def _reason(self, context: Any, cached: bool, raw: float | None, before: _Before,
                 leader: tuple[str, bool] | None) -> str:
@@ -590,7 +558,7 @@ class CacheDiTInstallation(Installation):
         if context.is_in_full_compute_steps():
             return "inactive"
         if leader is not None:
-            return "cached" if cached else f"follows_{leader[0]}"
+            return SharedDecisions.follow_reason(leader) if not cached else "cached"
         if cached:
             return "cached"
         if raw == _DIFF_SHAPE_CHANGED:
@@ -657,18 +625,14 @@ class _InstanceRestore:
     re-adds them, moving them to the end of ``_modules`` (and of ``named_modules()``/``state_dict()``).
     """
 
-    _MISSING = object()
-
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
-        self._before = dict(module.__dict__)
+        self._snapshot = DictSnapshot([module])
         self._modules_before = list(module._modules.items())
         self._changed: set[str] = set()
 
     def record_changes(self) -> None:
-        now = self.module.__dict__
-        self._changed |= {k for k in now if self._before.get(k, self._MISSING) is not now[k]}
-        self._changed |= {k for k in self._before if k not in now}
+        self._changed |= self._snapshot.changed(self.module)
 
     def set(self, obj: torch.nn.Module, name: str, value: Any) -> None:
         obj.__dict__[name] = value
@@ -685,13 +649,7 @@ class _InstanceRestore:
         modules.update(items)
 
     def restore(self) -> None:
-        state = self.module.__dict__
-        for key in self._changed:
-            previous = self._before.get(key, self._MISSING)
-            if previous is self._MISSING:
-                state.pop(key, None)
-            else:
-                state[key] = previous
+        self._snapshot.restore(self.module, self._changed)
         modules = self.module._modules
         for name, module in self._modules_before:  # a failed call could leave a swapped list behind
             if modules.get(name) is not module:

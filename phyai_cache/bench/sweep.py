@@ -2,7 +2,7 @@
 
 Nothing here names a backend: the sweep iterates :func:`phyai_cache.registry.list_backends`, so a
 backend or strategy registered later is benchmarked without code changes. What is swept follows
-from the fields a strategy uses (``STRATEGY_FIELDS``): thresholds for threshold strategies, intervals
+from what a strategy's declaration says to sweep (``StrategySpec.sweep``): thresholds for threshold strategies, intervals
 for scheduled ones, the strategy defaults otherwise. Unavailable backends and strategies are listed
 with the registry's reason instead of being run.
 """
@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import STRATEGY_DEFAULTS, STRATEGY_FIELDS, DiTCacheConfig, list_presets, load_config
-from ..registry import AUTO_PREFERENCE, list_backends
+from ..config import DiTCacheConfig, list_presets, load_config
+from ..registry import list_backends
+from ..strategies import get_strategy
 
 # Threshold grids for the strategies whose threshold scale we know (relative L1 of the decision
 # residual: ~0.1 early, ~0.3 late on the reference model). Other threshold strategies get
@@ -111,17 +112,17 @@ def _grouped(entries: list[SweepEntry]) -> list[SweepEntry]:
 
 
 def strategy_variants(strategy: str, quick: bool = False) -> list[dict[str, Any]]:
-    """The knob settings swept for ``strategy``, derived from the fields it uses."""
-    used = STRATEGY_FIELDS.get(strategy, ())
-    if "threshold" in used:
-        return _threshold_variants(strategy, used, quick)
-    if "cache_interval" in used:
-        return _interval_variants(used, quick)
+    """The knob settings swept for ``strategy``: what its declaration says to sweep."""
+    spec = get_strategy(strategy)
+    if spec.sweep == "threshold":
+        return _threshold_variants(strategy, spec.fields, quick)
+    if spec.sweep == "interval":
+        return _interval_variants(spec.fields, quick)
     return [{}]  # nothing to sweep: the strategy's defaults
 
 
 def _threshold_variants(strategy: str, used: Iterable[str], quick: bool) -> list[dict[str, Any]]:
-    default = STRATEGY_DEFAULTS.get(strategy, {}).get("threshold") or 0.1
+    default = get_strategy(strategy).defaults.get("threshold") or 0.1
     fallback = tuple(round(default * m, 4) for m in DEFAULT_MULTIPLIERS)
     plain = (QUICK_THRESHOLDS if quick else THRESHOLDS).get(strategy, fallback[1:2] if quick else fallback)
     variants: list[dict[str, Any]] = [{"threshold": t} for t in plain]
@@ -175,7 +176,7 @@ def _resolve_offline(config: DiTCacheConfig, available: set[tuple[str, str]]) ->
     """The backend a preset runs on among those being benchmarked (``auto`` in preference order)."""
     if config.backend != "auto":
         return config.backend if (config.backend, config.strategy) in available else None
-    for name in AUTO_PREFERENCE.get(config.strategy, ()):
+    for name in get_strategy(config.strategy).backends:
         if (name, config.strategy) in available:
             return name
     return None

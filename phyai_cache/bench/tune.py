@@ -34,7 +34,8 @@ import torch
 import yaml
 
 from ..api import enable_dit_cache, get_cache_handle
-from ..config import STRATEGY_DEFAULTS, STRATEGY_FIELDS, DiTCacheConfig
+from ..config import DiTCacheConfig
+from ..strategies import get_strategy
 from ..errors import PhyaiCacheError
 from ..registry import list_backends
 from ..stats import RunStats
@@ -249,7 +250,7 @@ def _search_all(evaluator: Evaluator, strategies: list[str], backend: str, targe
 def _variants_for(strategy: str, variants: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     """The variants to search for ``strategy``; fields it does not use are dropped (so one list can
     serve several strategies), and duplicates after dropping are searched once."""
-    used = STRATEGY_FIELDS[strategy]
+    used = get_strategy(strategy).fields
     unique: list[dict[str, Any]] = []
     for variant in (variants if variants is not None else SEARCH_VARIANTS.get(strategy, [{}])):
         kept = {k: v for k, v in variant.items() if k in used}
@@ -261,7 +262,7 @@ def _variants_for(strategy: str, variants: Sequence[Mapping[str, Any]] | None) -
 def _search_variant(evaluator: Evaluator, config: DiTCacheConfig, target: float, seeds: list[int],
                     iterations: int, max_threshold: float, max_interval: int
                     ) -> tuple[DiTCacheConfig, Measurement] | None:
-    used = STRATEGY_FIELDS[config.strategy]
+    used = get_strategy(config.strategy).fields
     if "threshold" in used:
         return _bisect_threshold(evaluator, config, target, seeds, iterations, max_threshold)
     if "cache_interval" in used and config.compute_mask is None:
@@ -279,7 +280,7 @@ def _bisect_threshold(evaluator: Evaluator, config: DiTCacheConfig, target: floa
     """
     passing: list[tuple[DiTCacheConfig, Measurement]] = []
     lo, lo_m = 0.0, None
-    hi = min(2 * (STRATEGY_DEFAULTS.get(config.strategy, {}).get("threshold") or 0.1), max_threshold)
+    hi = min(2 * (get_strategy(config.strategy).defaults.get("threshold") or 0.1), max_threshold)
     while True:  # bracket
         hi_m = evaluator.try_measure(config.replace(threshold=round(hi, 4)), seeds, target)
         if hi_m is None or not hi_m.meets(target):
@@ -344,7 +345,7 @@ def _strategies(strategy: str | Sequence[str] | None, backend: str) -> list[str]
         if backend != "auto" and report.name != backend.replace("-", "_"):
             continue
         served += [s for s in report.available_strategies if s not in served]
-    tunable = [s for s in served if {"threshold", "cache_interval"} & set(STRATEGY_FIELDS.get(s, ()))]
+    tunable = [s for s in served if get_strategy(s).sweep is not None]
     if not tunable:
         raise TuneError(f"backend {backend!r} serves no strategy with a threshold or interval to tune")
     return tunable
@@ -473,14 +474,14 @@ def _key(config: DiTCacheConfig) -> str:
 def _preset_config(config: DiTCacheConfig) -> dict[str, Any]:
     """The config as a preset writes it: the switch, backend, strategy and the fields it uses."""
     data = config.to_dict()
-    used = STRATEGY_FIELDS[config.strategy]
+    used = get_strategy(config.strategy).fields
     kept = {"enabled": True, "backend": data["backend"], "strategy": data["strategy"]}
     for name in used:
         value = data[name]
         if value is None or (name == "active_steps" and value == [0, None]):
             continue
-        if config.strategy == "fbcache" and name in ("front_blocks", "back_blocks"):
-            continue  # fixed at F1 B0 by the strategy
+        if name in get_strategy(config.strategy).fixed:
+            continue  # defines the strategy (fbcache is F1 B0)
         kept[name] = value
     if data["separate_cfg"] != "auto":
         kept["separate_cfg"] = data["separate_cfg"]
@@ -511,8 +512,8 @@ def _describe(config: DiTCacheConfig) -> str:
     for name, short in (("threshold", "t"), ("cache_interval", "n"), ("front_blocks", "F"), ("back_blocks", "B"),
                         ("taylorseer_order", "o")):
         value = getattr(config, name)
-        fixed = name in ("front_blocks", "back_blocks") and config.strategy == "fbcache"  # always F1 B0
-        if value is not None and name in STRATEGY_FIELDS[config.strategy] and not fixed:
+        spec = get_strategy(config.strategy)
+        if value is not None and name in spec.fields and name not in spec.fixed:
             parts.append(f"{short}={value:g}" if isinstance(value, float) else f"{short}={value}")
     return " ".join(parts)
 

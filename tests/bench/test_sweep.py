@@ -5,13 +5,14 @@ from __future__ import annotations
 from phyai_cache.adapters.base import StrategySupport
 from phyai_cache.bench import sweep
 from phyai_cache.bench.sweep import plan_sweep, strategy_variants
-from phyai_cache.config import STRATEGIES, list_presets, load_config
+from phyai_cache.config import list_presets, load_config
 from phyai_cache.registry import BackendReport, list_backends
+from phyai_cache.strategies import strategy_names
 
 
 def _report(name: str, installed: bool = True, available: tuple[str, ...] = ()) -> BackendReport:
     strategies = {s: StrategySupport(s, s in available, "" if s in available else f"{name} lacks {s}")
-                  for s in STRATEGIES}
+                  for s in strategy_names()}
     return BackendReport(name, installed, "9.9" if installed else None, "fake", strategies)
 
 

@@ -15,7 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phyai_cache import DiTCacheConfig, DiTCacheConfigError, load_config
-from phyai_cache.config import BACKENDS, STRATEGIES, field_names
+from phyai_cache.config import BACKENDS, field_names
+from phyai_cache.strategies import strategy_names
+
+STRATEGIES = strategy_names()
 
 EXAMPLES = int(os.environ.get("PHYAI_CACHE_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,29 +11,60 @@ Importing this module never imports diffusers: that happens in :meth:`DiffusersB
 
 from __future__ import annotations
 
+import importlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from ...blocks import BlocksArg, BlockList, discover_blocks
-from ...config import STRATEGIES, DiTCacheConfig
+from ...config import DiTCacheConfig
 from ...errors import BackendUnavailableError, DiTCacheConfigError
-from ...lifecycle import CacheTarget, Lifecycle
+from ...runtime import CacheTarget, CallSource
+from ...strategies import StrategySpec
 from ...versions import MIN_VERSIONS, feature_available
-from ..base import Backend, Installation, Plan, StrategySupport, all_strategies, unsupported
+from ..base import Backend, Installation, Plan, StrategySupport, unsupported
 from .driver import Driver
 
 logger = logging.getLogger("phyai_cache")
 
-# strategy -> the diffusers cache class that serves it (for messages and the support table).
-DIFFUSERS_CACHES = {
-    "fbcache": "FirstBlockCache",
-    "pab": "PyramidAttentionBroadcast",
-    "fastercache": "FasterCache",
-    "taylorseer": "TaylorSeerCache",
-    "magcache": "MagCache",
+
+@dataclass(frozen=True)
+class DiffusersCache:
+    """How one strategy maps onto a diffusers cache.
+
+    cache_class: diffusers' name for it (messages, the support table).
+    config: ``module:Class`` of its config in ``diffusers.hooks``.
+    driver: ``module:Class`` of our :class:`Driver` for it in this package.
+    block_level: its hooks skip whole blocks (checked against diffusers' block metadata at enable);
+    otherwise they touch attention modules only and may run without counted block lists.
+    """
+
+    cache_class: str
+    config: str
+    driver: str
+    block_level: bool = False
+
+    def config_class(self) -> type:
+        module, name = self.config.split(":")
+        return getattr(importlib.import_module(f"diffusers.hooks.{module}"), name)
+
+    def driver_class(self) -> type[Driver]:
+        module, name = self.driver.split(":")
+        return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+# The strategies this adapter implements; which strategies exist and which backends serve them is
+# declared in phyai_cache/strategies/ (a test checks the two agree).
+DIFFUSERS_CACHES: dict[str, DiffusersCache] = {
+    "fbcache": DiffusersCache("FirstBlockCache", "first_block_cache:FirstBlockCacheConfig",
+                              "fbcache:FirstBlockCacheDriver", block_level=True),
+    "pab": DiffusersCache("PyramidAttentionBroadcast", "pyramid_attention_broadcast:PyramidAttentionBroadcastConfig",
+                          "attention:PyramidAttentionBroadcastDriver"),
+    "fastercache": DiffusersCache("FasterCache", "faster_cache:FasterCacheConfig", "attention:FasterCacheDriver"),
+    "taylorseer": DiffusersCache("TaylorSeerCache", "taylorseer_cache:TaylorSeerCacheConfig",
+                                 "taylorseer:TaylorSeerDriver"),
+    "magcache": DiffusersCache("MagCache", "mag_cache:MagCacheConfig", "magcache:MagCacheDriver", block_level=True),
 }
-# Strategies whose hooks only touch attention modules: they can run without counted block lists.
-_ATTENTION_LEVEL = ("pab", "fastercache", "taylorseer")
 
 
 class DiffusersPlan(Plan):
@@ -43,14 +74,14 @@ class DiffusersPlan(Plan):
         self.block_lists = block_lists
         self.installation: Any = None
 
-    def install(self, lifecycle: Lifecycle) -> Installation:
+    def install(self, lifecycle: CallSource) -> Installation:
         from .install import DiffusersInstallation
 
         self.installation = DiffusersInstallation(self.target, self.driver, self.block_lists, lifecycle)
         return self.installation
 
     def describe(self) -> dict[str, Any]:
-        description = {"diffusers_cache": DIFFUSERS_CACHES[self.driver.strategy],
+        description = {"diffusers_cache": DIFFUSERS_CACHES[self.driver.strategy].cache_class,
                        "counted_blocks": sum(len(b.blocks) for b in self.block_lists), **self.driver.describe()}
         if self.installation is not None:
             description["hooked_modules"] = len(self.installation.hooked_modules)
@@ -61,18 +92,16 @@ class DiffusersBackend(Backend):
     name = "diffusers"
     description = "diffusers' cache hooks (CacheMixin.enable_cache) with phyai_cache's run lifecycle"
 
-    def strategy_support(self, version: str | None) -> dict[str, StrategySupport]:
-        def support(strategy: str) -> StrategySupport:
-            if version is None:
-                return unsupported(strategy, "diffusers is not installed (pip install 'phyai-cache[diffusers]')")
-            if strategy not in DIFFUSERS_CACHES:
-                return unsupported(strategy, "diffusers has no such cache (dbcache: backends native, cache_dit)")
-            minimum = MIN_VERSIONS["diffusers"][strategy]
-            if not feature_available("diffusers", strategy, version):
-                return unsupported(strategy, f"diffusers {version} has no {DIFFUSERS_CACHES[strategy]}", minimum)
-            return StrategySupport(strategy, True, min_version=minimum)
-
-        return all_strategies(support)
+    def support(self, spec: StrategySpec, version: str | None) -> StrategySupport:
+        cache = DIFFUSERS_CACHES.get(spec.name)
+        if cache is None:
+            return unsupported(spec.name, "declared as served by diffusers, but this adapter has no driver for it")
+        if version is None:
+            return unsupported(spec.name, "diffusers is not installed (pip install 'phyai-cache[diffusers]')")
+        minimum = MIN_VERSIONS["diffusers"][spec.name]
+        if not feature_available("diffusers", spec.name, version):
+            return unsupported(spec.name, f"diffusers {version} has no {cache.cache_class}", minimum)
+        return StrategySupport(spec.name, True, min_version=minimum)
 
     def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: BlocksArg = None) -> DiffusersPlan:
         support = self.supports(config.strategy)
@@ -83,62 +112,24 @@ class DiffusersBackend(Backend):
         from .model import check_block_cache, require_cache_mixin
         from .options import check_unified_fields, validate_options
 
+        cache = DIFFUSERS_CACHES[config.strategy]
         transformer = target.transformer
         require_cache_mixin(transformer)
         check_unified_fields(config)
-        options = validate_options(config.strategy, _diffusers_config_class(config.strategy), config.options)
-        if config.strategy in ("fbcache", "magcache"):
+        options = validate_options(config.strategy, cache.config_class(), config.options)
+        if cache.block_level:
             check_block_cache(transformer, config.strategy)
-        driver = _make_driver(config, options, type(transformer).__name__)
-        return DiffusersPlan(target, driver, _counted_blocks(transformer, blocks, config.strategy))
+        driver = cache.driver_class()(config, options, type(transformer).__name__)
+        return DiffusersPlan(target, driver, _counted_blocks(transformer, blocks, cache))
 
 
-def _diffusers_config_class(strategy: str) -> type:
-    import importlib
-
-    module, name = {
-        "fbcache": ("first_block_cache", "FirstBlockCacheConfig"),
-        "pab": ("pyramid_attention_broadcast", "PyramidAttentionBroadcastConfig"),
-        "fastercache": ("faster_cache", "FasterCacheConfig"),
-        "taylorseer": ("taylorseer_cache", "TaylorSeerCacheConfig"),
-        "magcache": ("mag_cache", "MagCacheConfig"),
-    }[strategy]
-    return getattr(importlib.import_module(f"diffusers.hooks.{module}"), name)
-
-
-def _make_driver(config: DiTCacheConfig, options: dict[str, Any], model_class: str) -> Driver:
-    if config.strategy == "fbcache":
-        from .fbcache import FirstBlockCacheDriver
-
-        return FirstBlockCacheDriver(config, options)
-    if config.strategy == "pab":
-        from .attention import PyramidAttentionBroadcastDriver
-
-        return PyramidAttentionBroadcastDriver(config, options)
-    if config.strategy == "fastercache":
-        from .attention import FasterCacheDriver
-
-        return FasterCacheDriver(config, options)
-    if config.strategy == "taylorseer":
-        from .taylorseer import TaylorSeerDriver
-
-        return TaylorSeerDriver(config, options)
-    from .magcache import MagCacheDriver, require_ratios
-
-    require_ratios(model_class, options)
-    return MagCacheDriver(config, options, model_class)
-
-
-def _counted_blocks(transformer: Any, blocks: BlocksArg, strategy: str) -> list[BlockList]:
+def _counted_blocks(transformer: Any, blocks: BlocksArg, cache: DiffusersCache) -> list[BlockList]:
     """The block lists whose executions the stats count (``blocks=`` only selects these here)."""
     try:
         return discover_blocks(transformer, blocks)
     except DiTCacheConfigError:
-        if blocks is not None or strategy not in _ATTENTION_LEVEL:
+        if blocks is not None or cache.block_level:
             raise
         logger.warning("phyai_cache: %s has no block list diffusers describes; %s runs, but blocks_computed "
-                       "is not counted (pass blocks=... to count)", type(transformer).__name__, strategy)
+                       "is not counted (pass blocks=... to count)", type(transformer).__name__, cache.cache_class)
         return []
-
-
-assert set(DIFFUSERS_CACHES) <= set(STRATEGIES)

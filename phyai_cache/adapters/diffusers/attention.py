@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from ..._patch import InstancePatch
-from ...lifecycle import CallInfo, RunState
-from .driver import Driver, hook_internals_error
+from ...decision import cache_gap
+from ...runtime import CallInfo, RunState
+from .driver import DiffusersRunState, Driver, hook_internals_error
 from .model import TimestepReader, attention_classes, attention_module_names
-from .schedule import DiffusersRunState
 
 
 class AttentionReuseDriver(Driver):
@@ -99,8 +99,8 @@ class AttentionReuseDriver(Driver):
 
     # -- run time -------------------------------------------------------------------------------
 
-    def begin_run(self, run: RunState) -> None:
-        run.backend_state.strategy_state = {}  # branch -> {id(hook): the branch's state object}
+    def begin_run(self, run: RunState, state: DiffusersRunState) -> None:
+        state.strategy_state = {}  # branch -> {id(hook): the branch's state object}
 
     def before_call(self, call: CallInfo, state: DiffusersRunState) -> None:
         counters = state.counters(call.branch)
@@ -114,7 +114,7 @@ class AttentionReuseDriver(Driver):
         if self.rules.inactive(call.step):
             call.scratch.reason = "inactive"
         elif fresh:
-            call.scratch.reason = "no_cache" if counters.key is None else "shape_changed"
+            call.scratch.reason = cache_gap(call.scratch.key, counters.key, has_cache=False)
         self._timestep = math.nan if call.scratch.reason else self.reader.read(call.args, call.kwargs)
 
     def after_call(self, call: CallInfo, state: DiffusersRunState) -> None:

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...config import DiTCacheConfig
+from ...decision import BranchCounters, SharedDecisions, StepRules
 from ...errors import DiTCacheConfigError
-from ...lifecycle import CallInfo, RunState
-from .schedule import DiffusersRunState, StepRules
+from ...runtime import CallInfo, RunState
 
 if TYPE_CHECKING:
     from .install import DiffusersInstallation
+
+
+@dataclass
+class DiffusersRunState:
+    """Per-run state of the adapter; dropped when the run ends (also when it raised)."""
+
+    shared: SharedDecisions  # separate_cfg=False: the leader branch's decisions
+    branches: dict[str, BranchCounters] = field(default_factory=dict)
+    strategy_state: Any = None  # e.g. PAB's per-branch hook states
+
+    def counters(self, branch: str) -> BranchCounters:
+        return self.branches.setdefault(branch, BranchCounters())
 
 
 class Driver:
@@ -21,9 +34,10 @@ class Driver:
     strategy: str = ""
     uses_context = False  # hook state keyed by diffusers' cache_context name
 
-    def __init__(self, config: DiTCacheConfig, options: dict[str, Any]) -> None:
+    def __init__(self, config: DiTCacheConfig, options: dict[str, Any], model_class: str) -> None:
         self.config = config
         self.options = options
+        self.model_class = model_class
         self.rules = StepRules(config)
         self.installation: DiffusersInstallation | None = None
         self.diffusers_config = self.build_config()
@@ -51,7 +65,7 @@ class Driver:
 
     # -- run time -------------------------------------------------------------------------------
 
-    def begin_run(self, run: RunState) -> None:
+    def begin_run(self, run: RunState, state: DiffusersRunState) -> None:
         pass
 
     def before_call(self, call: CallInfo, state: DiffusersRunState) -> None:
@@ -87,9 +101,3 @@ def hook_internals_error(strategy: str, missing: str) -> Exception:
         f"diffusers' {strategy} hooks at the installed version have no {missing!r}, which phyai_cache uses "
         "to apply the unified step rules; use backend 'native' or another diffusers release"
     )
-
-
-def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
-    """mean|current - reference| / mean|reference| (float32 means), the native engine's statistic."""
-    ratio = (current - reference).abs().mean(dtype=torch.float32) / reference.abs().mean(dtype=torch.float32)
-    return float(ratio.item())

@@ -23,24 +23,20 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import Any, ContextManager
 
 import torch
 
-from ..._patch import InstancePatch
+from ..._patch import MISSING, DictSnapshot, InstancePatch, UndoStack
 from ...blocks import BlockList
+from ...decision import SharedDecisions, cache_key
 from ...instrument import BlockCounter
-from ...lifecycle import CacheTarget, CallInfo, Lifecycle, RunState
+from ...runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates
 from ...stats import tensor_bytes
 from ..base import Installation
-from .schedule import DiffusersRunState
-
-if TYPE_CHECKING:
-    from .strategies import Driver
+from .driver import Driver, DiffusersRunState
 
 logger = logging.getLogger("phyai_cache")
-
-_MISSING = object()
 # What diffusers' enable_cache/disable_cache change on a module's instance dict.
 _TRACKED_ATTRIBUTES = ("forward", "_diffusers_hook", "_cache_config")
 
@@ -72,25 +68,17 @@ class ModuleSnapshot:
     def __init__(self, root: torch.nn.Module) -> None:
         self.root = root
         self.modules = dict(root.named_modules())
-        self.attributes = {id(m): {a: m.__dict__.get(a, _MISSING) for a in _TRACKED_ATTRIBUTES}
-                           for m in self.modules.values()}
-        self.hook_names = {id(m): tuple(_registry(m)._hook_order) if _registry(m) is not None else ()
-                           for m in self.modules.values()}
+        self.attributes = DictSnapshot(self.modules.values(), keys=_TRACKED_ATTRIBUTES)
+        self.hook_names = {id(m): _hook_names(m) for m in self.modules.values()}
 
     def forward_before(self, module: torch.nn.Module) -> Callable[..., Any]:
-        value = self.attributes[id(module)]["forward"]
-        return type(module).forward.__get__(module, type(module)) if value is _MISSING else value
+        value = self.attributes.before(module, "forward")
+        return type(module).forward.__get__(module, type(module)) if value is MISSING else value
 
     def touched(self) -> list[torch.nn.Module]:
         """Modules whose tracked attributes or hooks differ from the snapshot."""
-        return [m for m in self.modules.values() if self._differs(m)]
-
-    def _differs(self, module: torch.nn.Module) -> bool:
-        registry = _registry(module)
-        names = tuple(registry._hook_order) if registry is not None else ()
-        before = self.attributes[id(module)]
-        return names != self.hook_names[id(module)] or any(
-            module.__dict__.get(a, _MISSING) is not before[a] for a in _TRACKED_ATTRIBUTES)
+        return [m for m in self.modules.values()
+                if _hook_names(m) != self.hook_names[id(m)] or self.attributes.changed(m)]
 
     def new_hooks(self) -> list[NewHook]:
         found = []
@@ -111,8 +99,11 @@ class ModuleSnapshot:
                 for hook_name in reversed(list(registry._hook_order)):
                     if hook_name not in self.hook_names[id(module)]:
                         registry.remove_hook(hook_name, recurse=False)
-            for attribute, value in self.attributes[id(module)].items():
-                self._restore_attribute(module, attribute, value)
+            changed = self.attributes.changed(module)
+            current = module.__dict__.get("_diffusers_hook")
+            if current is not None and current.hooks:
+                changed.discard("_diffusers_hook")  # someone else's hooks live there now: keep them
+            self.attributes.restore(module, changed)
         self.invalidate_child_registries()
 
     def invalidate_child_registries(self) -> None:
@@ -122,17 +113,10 @@ class ModuleSnapshot:
             if registry is not None and getattr(registry, "_child_registries_cache", None) is not None:
                 registry._child_registries_cache = None
 
-    @staticmethod
-    def _restore_attribute(module: torch.nn.Module, attribute: str, value: Any) -> None:
-        current = module.__dict__.get(attribute, _MISSING)
-        if current is value:
-            return
-        if attribute == "_diffusers_hook" and current is not _MISSING and current.hooks:
-            return  # someone else's hooks live there now: keep them
-        if value is _MISSING:
-            module.__dict__.pop(attribute, None)
-        else:
-            module.__dict__[attribute] = value
+
+def _hook_names(module: torch.nn.Module) -> tuple[str, ...]:
+    registry = _registry(module)
+    return tuple(registry._hook_order) if registry is not None else ()
 
 
 def _registry(module: torch.nn.Module) -> Any:
@@ -143,13 +127,14 @@ class DiffusersInstallation(Installation):
     """One diffusers cache applied to one transformer through phyai_cache's lifecycle."""
 
     def __init__(self, target: CacheTarget, driver: Driver, block_lists: list[BlockList],
-                 lifecycle: Lifecycle) -> None:
+                 lifecycle: CallSource) -> None:
         self.target = target
         self.transformer = target.transformer
         self.driver = driver
         self.lifecycle = lifecycle
         self.hooks: list[NewHook] = []
-        self._undo: list[Callable[[], None]] = []
+        self.runs: RunStates[DiffusersRunState] = RunStates()
+        self._undo = UndoStack()
         self._state_holders: list[Any] = []
         # The lifecycle wraps transformer.cache_context afterwards to learn the pipeline's branch
         # names; entering a context of our own must not go through that wrapper.
@@ -166,7 +151,7 @@ class DiffusersInstallation(Installation):
         blocks = [block for block_list in block_lists for block in block_list.blocks]
         if blocks:
             counter = BlockCounter(blocks, self.lifecycle)
-            self._undo.append(counter.remove)
+            self._undo.push(counter.remove)
             self.blocks_per_call = len(counter)
         self.driver.before_apply(self)
         snapshot = ModuleSnapshot(self.transformer)
@@ -176,7 +161,7 @@ class DiffusersInstallation(Installation):
             snapshot.restore(snapshot.touched())
             raise
         touched = snapshot.touched()
-        self._undo.append(lambda: self._disable(snapshot, touched))
+        self._undo.push(lambda: self._disable(snapshot, touched))
         # diffusers 0.38-0.40 kept a stale child-registry list when a cache_context had been entered
         # before enable_cache (#14037): contexts then never reached the new hooks.
         snapshot.invalidate_child_registries()
@@ -214,60 +199,50 @@ class DiffusersInstallation(Installation):
 
     def patch(self, obj: Any, name: str, value: Any) -> InstancePatch:
         """An instance-level patch that :meth:`remove` undoes (in reverse order)."""
-        patch = InstancePatch(obj, name, value)
-        self._undo.append(patch.restore)
-        return patch
+        return self._undo.patch(obj, name, value)
 
     def add_undo(self, undo: Callable[[], None]) -> None:
         """Something :meth:`remove` must undo (in reverse order of registration)."""
-        self._undo.append(undo)
+        self._undo.push(undo)
 
     @property
     def hooked_modules(self) -> list[torch.nn.Module]:
         return list({id(h.module): h.module for h in self.hooks}.values())
 
     def remove(self) -> None:
-        errors = []
-        while self._undo:
-            undo = self._undo.pop()
-            try:
-                undo()
-            except Exception as error:  # keep undoing the rest; report the first failure
-                errors.append(error)
-        if errors:
-            raise errors[0]
+        self._undo.undo()
 
     # -- runs and calls -------------------------------------------------------------------------
 
     def begin_run(self, run: RunState) -> None:
         # A previous run that raised never reached diffusers' own reset (end of a pipeline call).
         self.transformer._reset_stateful_cache()
-        run.backend_state = DiffusersRunState()
-        self.driver.begin_run(run)
+        state = self.runs.open(run, DiffusersRunState(SharedDecisions(enabled=self.driver.config.separate_cfg is False)))
+        self.driver.begin_run(run, state)
 
     def end_run(self, run: RunState) -> None:
         try:
             self.transformer._reset_stateful_cache()
         finally:
-            run.backend_state = None
+            self.runs.close(run)
 
     def call_context(self, call: CallInfo) -> ContextManager[None]:
         return self._call_scope(call)
 
     @contextlib.contextmanager
     def _call_scope(self, call: CallInfo) -> Iterator[None]:
-        call.scratch = CallScratch(key=input_key(call))
-        run = self.lifecycle.run_state
+        call.scratch = CallScratch(key=_input_key(call))
+        state = self.runs[call.run]
         with contextlib.ExitStack() as stack:
             if self.driver.uses_context and self._needs_own_context(call.branch):
                 stack.enter_context(self._cache_context(call.branch))
-            self.driver.before_call(call, run.backend_state)
-            stack.callback(self._after_call, call, run)
+            self.driver.before_call(call, state)
+            stack.callback(self._after_call, call, state)
             yield
 
-    def _after_call(self, call: CallInfo, run: RunState) -> None:
-        self.driver.after_call(call, run.backend_state)
-        run.note_cache_bytes(self._cache_bytes(run.backend_state))
+    def _after_call(self, call: CallInfo, state: DiffusersRunState) -> None:
+        self.driver.after_call(call, state)
+        call.run.note_cache_bytes(self._cache_bytes(state))
 
     def _needs_own_context(self, branch: str) -> bool:
         # Pipelines without cache_context calls (Flux img2img/Kontext, Flux2, Chroma ...) and custom
@@ -281,15 +256,11 @@ class DiffusersInstallation(Installation):
         return tensor_bytes(*tensors.values())
 
 
-def input_key(call: CallInfo) -> tuple:
-    """What cached tensors are valid for: shapes, dtype and device of the call's inputs."""
+def _input_key(call: CallInfo) -> tuple:
+    """The cache key of a transformer call's inputs (diffusers transformers' argument names)."""
     kwargs = call.kwargs or {}
-    hidden = kwargs.get("hidden_states", call.args[0] if call.args else None)
-    encoder = kwargs.get("encoder_hidden_states")
-    if not isinstance(hidden, torch.Tensor):
-        return (None,)
-    encoder_shape = tuple(encoder.shape) if isinstance(encoder, torch.Tensor) else None
-    return (tuple(hidden.shape), hidden.dtype, hidden.device, encoder_shape)
+    return cache_key(kwargs.get("hidden_states", call.args[0] if call.args else None),
+                     kwargs.get("encoder_hidden_states"))
 
 
 def _state_holders(hooks: list[NewHook]) -> list[Any]:

@@ -17,9 +17,8 @@ import sys
 from typing import Any
 
 from ...errors import CacheStateError, DiTCacheConfigError
-from ...lifecycle import CallInfo, RunState
-from .driver import Driver, hook_internals_error
-from .schedule import DiffusersRunState
+from ...runtime import CallInfo, RunState
+from .driver import DiffusersRunState, Driver, hook_internals_error
 
 # Models whose published magnitude ratios diffusers ships (calibrated on FLUX.1-dev).
 _SHIPPED_RATIOS = {"FluxTransformer2DModel": "FLUX_MAG_RATIOS"}
@@ -49,8 +48,8 @@ class MagCacheDriver(Driver):
     uses_context = True
 
     def __init__(self, config: Any, options: dict[str, Any], model_class: str) -> None:
-        self.model_class = model_class
-        super().__init__(config, options)
+        require_ratios(model_class, options)
+        super().__init__(config, options, model_class)
 
     def _config_kwargs(self, num_inference_steps: int) -> dict[str, Any]:
         first = max(self.rules.warmup_steps, self.rules.start)
@@ -82,7 +81,7 @@ class MagCacheDriver(Driver):
 
     # -- run time -------------------------------------------------------------------------------
 
-    def begin_run(self, run: RunState) -> None:
+    def begin_run(self, run: RunState, state: DiffusersRunState) -> None:
         from diffusers.hooks.mag_cache import MagCacheConfig
 
         steps = run.stats.num_inference_steps

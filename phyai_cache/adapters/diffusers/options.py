@@ -11,7 +11,6 @@ are checked here too, so a bad value fails at enable time, never at the first fo
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import numbers
 import re
@@ -19,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ...config import DiTCacheConfig
-from ...errors import DiTCacheConfigError
+from ...errors import DiTCacheConfigError, did_you_mean
 
 Check = Callable[[str, Any], Any]  # (field label, value) -> converted value
 
@@ -189,7 +188,7 @@ def validate_options(strategy: str, config_class: type, options: Mapping[str, An
                                       hint=MANAGED[strategy][name])
         else:
             raise DiTCacheConfigError(label, value, _allowed_text(strategy, config_class, allowed),
-                                      hint=_did_you_mean(name, [*allowed, *DUPLICATES[strategy]]) or
+                                      hint=did_you_mean(name, [*allowed, *DUPLICATES[strategy]]) or
                                       f"not an option of diffusers {config_class.__name__}")
     return converted
 
@@ -199,11 +198,6 @@ def _allowed_text(strategy: str, config_class: type, allowed: list[str]) -> str:
         return f"no options for strategy {strategy!r} on backend 'diffusers' (every {config_class.__name__} " \
                "field is set from the unified config)"
     return f"one of {', '.join(allowed)} (diffusers {config_class.__name__} fields)"
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else ""
 
 
 # -- unified fields diffusers cannot honour ----------------------------------------------------

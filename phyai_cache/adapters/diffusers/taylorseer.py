@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from ...decision import cache_gap
 from ...errors import DiTCacheConfigError
-from ...lifecycle import CallInfo
-from .driver import Driver, hook_internals_error
+from ...runtime import CallInfo
+from .driver import DiffusersRunState, Driver, hook_internals_error
 from .model import attention_module_names
-from .schedule import DiffusersRunState
 
 FORECAST = "forecast"
 
@@ -69,11 +69,7 @@ class TaylorSeerDriver(Driver):
 
     def before_call(self, call: CallInfo, state: DiffusersRunState) -> None:
         counters = state.counters(call.branch)
-        reason = self.rules.must_compute(call.step)
-        if reason is None and counters.key is None:
-            reason = "no_cache"
-        elif reason is None and counters.key != call.scratch.key:
-            reason = "shape_changed"
+        reason = self.rules.must_compute(call.step) or cache_gap(call.scratch.key, counters.key)
         call.scratch.reason = reason
         call.decision, call.reason = ("computed", reason) if reason else ("cached", FORECAST)
 

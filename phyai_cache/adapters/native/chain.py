@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from ..._patch import InstancePatch
+from ..._patch import UndoStack
 from ...blocks import BlockIO, BlockList
+from ...decision import SharedDecisions, StepRules, cache_gap, cache_key, decide, relative_l1
 from ...errors import CacheStateError
-from ...lifecycle import CallInfo, Lifecycle, RunState
+from ...runtime import CallInfo, CallSource, RunState, RunStates
 from ..base import Installation
-from ...schedule import CACHED
-from .policy import BranchCache, ResidualHistory, StepSchedule, relative_l1
+from .policy import BranchCache, ResidualHistory
 
 
 class ChainLayout:
@@ -80,8 +80,8 @@ class ChainLayout:
 class NativeRunState:
     """Per-run state: one cache per branch, and the shared decisions when CFG is not separate."""
 
+    shared: SharedDecisions
     branches: dict[str, BranchCache] = field(default_factory=dict)
-    shared_decisions: dict[int, tuple[str, bool]] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(cache.nbytes() for cache in self.branches.values())
@@ -92,6 +92,8 @@ class ChainCall:
     """Working state of one transformer call while its blocks run."""
 
     cache: BranchCache
+    run: RunState
+    step: int
     next_position: int = 0
     skip: bool = False
     chain_input: torch.Tensor | None = None
@@ -102,34 +104,32 @@ class ChainCall:
 class ChainInstallation(Installation):
     """The native engine applied to one transformer."""
 
-    def __init__(self, layout: ChainLayout, schedule: StepSchedule, separate_cfg: bool,
-                 lifecycle: Lifecycle, forecast_order: int | None = None) -> None:
+    def __init__(self, layout: ChainLayout, rules: StepRules, separate_cfg: bool, measured: bool,
+                 lifecycle: CallSource, forecast_order: int | None = None) -> None:
         self.layout = layout
-        self.schedule = schedule
+        self.rules = rules
         self.separate_cfg = separate_cfg
+        self.measured = measured  # else: scheduled, decided when the chain starts
         self.lifecycle = lifecycle
         self.forecast_order = forecast_order
-        self.measured = layout.front_blocks > 0  # else: scheduled, decided when the chain starts
         self.blocks_per_call = len(layout)
-        self._patches: list[InstancePatch] = []
+        self.runs: RunStates[NativeRunState] = RunStates()
+        self._undo = UndoStack()
         try:
             for position, module in enumerate(layout.modules):
-                forward = self._wrap(position, module.forward, layout.io[position])
-                self._patches.append(InstancePatch(module, "forward", forward))
+                self._undo.patch(module, "forward", self._wrap(position, module.forward, layout.io[position]))
         except BaseException:
             self.remove()
             raise
 
     def begin_run(self, run: RunState) -> None:
-        run.backend_state = NativeRunState()
+        self.runs.open(run, NativeRunState(SharedDecisions(enabled=not self.separate_cfg)))
 
     def end_run(self, run: RunState) -> None:
-        run.backend_state = None
+        self.runs.close(run)
 
     def remove(self) -> None:
-        for patch in reversed(self._patches):
-            patch.restore()
-        self._patches.clear()
+        self._undo.undo()
 
     # -- the block wrapper ----------------------------------------------------------------------
 
@@ -160,7 +160,7 @@ class ChainInstallation(Installation):
             return self._reuse(position, io, args, kwargs, state)
         if position == 0:
             state.chain_input = io.hidden_in(args, kwargs)
-            state.key = _cache_key(state.chain_input, io.encoder_in(args, kwargs))
+            state.key = cache_key(state.chain_input, io.encoder_in(args, kwargs))
             if not self.measured:
                 state.skip = self._decide(call, state, None)
                 if state.skip:
@@ -187,7 +187,7 @@ class ChainInstallation(Installation):
     def _advance(self, call: CallInfo, position: int) -> ChainCall:
         state: ChainCall | None = call.scratch
         if position == 0 and state is None:
-            state = call.scratch = ChainCall(cache=self._branch_cache(call.branch))
+            state = call.scratch = ChainCall(self._branch_cache(call), call.run, call.step)
         elif state is None or state.next_position != position:
             expected = 0 if state is None else state.next_position
             raise CacheStateError(
@@ -199,9 +199,8 @@ class ChainInstallation(Installation):
         state.next_position = position + 1
         return state
 
-    def _branch_cache(self, branch: str) -> BranchCache:
-        run_state: NativeRunState = self.lifecycle.run_state.backend_state
-        return run_state.branches.setdefault(branch, BranchCache())
+    def _branch_cache(self, call: CallInfo) -> BranchCache:
+        return self.runs[call.run].branches.setdefault(call.branch, BranchCache())
 
     # -- decision -------------------------------------------------------------------------------
 
@@ -209,27 +208,14 @@ class ChainInstallation(Installation):
         """Take this call's decision (after the front blocks, or at the chain start if scheduled)."""
         residual = self._front_residual(state, front_output) if self.measured else None
         cache = state.cache
-        reason = self.schedule.gate(call.step, cache, state.key, self.layout.num_segments, self.measured)
-        leader = self._leader(call)
-        if reason is None and leader is not None:
-            reason = CACHED if leader[1] else f"follows_{leader[0]}"
-        elif reason is None and self.measured:
-            call.diff = relative_l1(residual, cache.decision_residual)
-            reason = self.schedule.judge(call.diff)
-            if reason == CACHED:
-                reason = self.schedule.limit(cache) or CACHED
-        elif reason is None:
-            reason = CACHED
-        skip = reason == CACHED
-        if not self.separate_cfg and leader is None:
-            self.lifecycle.run_state.backend_state.shared_decisions[call.step] = (call.branch, skip)
-        call.decision, call.reason = ("cached" if skip else "computed"), reason
-        cache.record(skip)
-        if not skip:
-            if state.key != cache.key:
-                cache.invalidate(state.key)
+        measure = (lambda: relative_l1(residual, cache.decision_residual)) if self.measured else None
+        decision = decide(call.step, call.branch, self.rules, cache, self.runs[call.run].shared, state.key,
+                          gap=cache_gap(state.key, cache.key, cache.has_cache(self.layout.num_segments, self.measured)),
+                          measure=measure)
+        call.take(decision)
+        if not decision.cached:
             cache.decision_residual = residual
-        return skip
+        return decision.cached
 
     def _front_residual(self, state: ChainCall, front_output: torch.Tensor) -> torch.Tensor:
         if front_output.shape != state.chain_input.shape:
@@ -239,24 +225,16 @@ class ChainInstallation(Installation):
             )
         return front_output - state.chain_input
 
-    def _leader(self, call: CallInfo) -> tuple[str, bool] | None:
-        """With shared CFG decisions, the (branch, skip) that another branch took at this step."""
-        if self.separate_cfg:
-            return None
-        decision = self.lifecycle.run_state.backend_state.shared_decisions.get(call.step)
-        return decision if decision is not None and decision[0] != call.branch else None
-
     # -- reuse and store ------------------------------------------------------------------------
 
     def _reuse(self, position: int, io: BlockIO, args: tuple, kwargs: dict, state: ChainCall) -> Any:
         hidden, encoder = io.hidden_in(args, kwargs), io.encoder_in(args, kwargs)
         segment = self.layout.segment_start.get(position)
         if segment is not None:
-            step = self.lifecycle.run_state.current.step
             hidden_history, encoder_history = state.cache.segments[segment]
-            hidden = hidden + hidden_history.predict(step)
+            hidden = hidden + hidden_history.predict(state.step)
             if encoder_history is not None and encoder is not None:
-                encoder = encoder + encoder_history.predict(step)
+                encoder = encoder + encoder_history.predict(state.step)
         return io.make_output(hidden, encoder)
 
     def _store_residual(self, segment: int, io: BlockIO, output: Any, state: ChainCall) -> None:
@@ -267,8 +245,7 @@ class ChainInstallation(Installation):
                 f"blocks up to {self.layout.names[self._segment_end_position(segment)]} change the hidden-state "
                 "shape inside one block list; such a list cannot be skipped as a whole"
             )
-        run = self.lifecycle.run_state
-        step = run.current.step
+        step = state.step
         has_encoder = encoder_out is not None and encoder_in is not None
         histories = state.cache.segments.get(segment)
         if histories is None:
@@ -278,16 +255,10 @@ class ChainInstallation(Installation):
         histories[0].update(step, hidden_out - hidden_in)
         if has_encoder and histories[1] is not None:
             histories[1].update(step, encoder_out - encoder_in)
-        run.note_cache_bytes(run.backend_state.nbytes())
+        state.run.note_cache_bytes(self.runs[state.run].nbytes())
 
     def _segment_end_position(self, segment: int) -> int:
         return next(p for p, s in self.layout.segment_end.items() if s == segment)
 
 
 _COMPUTE = object()  # sentinel: the block must run
-
-
-def _cache_key(hidden: torch.Tensor, encoder: torch.Tensor | None) -> tuple:
-    """What cached tensors are valid for: any change of shape, dtype or device invalidates them."""
-    encoder_shape = tuple(encoder.shape) if encoder is not None else None
-    return (tuple(hidden.shape), hidden.dtype, hidden.device, encoder_shape)

@@ -1,6 +1,7 @@
-"""When may a step reuse the cache, and what does it reuse?
+"""What a cached step of the native engine reuses, and the per-branch state it is kept in.
 
-Two kinds of decision:
+The decision itself (phyai_cache/decision.py) is the same for every engine. The native engine has
+two kinds of strategies (``NativeMethod.measured``):
 
 * measured (fbcache, dbcache): the relative L1 change of the front blocks' residual (output minus
   input of the first ``front_blocks`` blocks, hidden states only) against the same residual at the
@@ -9,8 +10,7 @@ Two kinds of decision:
       diff = mean(|r_t - r_last|) / mean(|r_last|)        cache when diff < threshold
 
   Comparing against the last computed step lets drift accumulate over a streak of cached steps, so
-  a streak ends by itself. This is the statistic of diffusers' FirstBlockCache and Cache-DiT's
-  DBCache, so equal thresholds mean the same thing on every backend.
+  a streak ends by itself.
 * scheduled (taylorseer): no measurement; after warmup every ``cache_interval``-th step computes
   (or the ``compute_mask`` says which) and the steps between are forecast.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...schedule import StepRules, StreakCounters
+from ...decision import BranchCounters
 from ...stats import tensor_bytes
 
 
@@ -72,10 +72,9 @@ class ResidualHistory:
 
 
 @dataclass
-class BranchCache(StreakCounters):
+class BranchCache(BranchCounters):
     """The cached tensors and counters of one branch in one run."""
 
-    key: tuple | None = None  # shape/dtype/device the tensors below were made for
     decision_residual: torch.Tensor | None = None  # front-block residual at the last computed step
     segments: dict[int, tuple[ResidualHistory, ResidualHistory | None]] = field(default_factory=dict)
 
@@ -83,29 +82,12 @@ class BranchCache(StreakCounters):
         histories = [h for pair in self.segments.values() for h in pair if h is not None]
         return tensor_bytes(self.decision_residual) + sum(h.nbytes() for h in histories)
 
-    def invalidate(self, key: tuple) -> None:
-        self.key = key
-        self.decision_residual = None
-        self.segments.clear()
+    def has_cache(self, segments: int, measured: bool) -> bool:
+        """Every segment has a residual (and, when measured, there is a decision residual)."""
+        return len(self.segments) >= segments and (not measured or self.decision_residual is not None)
 
-
-class StepSchedule(StepRules):
-    """The shared step rules plus the engine's own question: is there a usable cache?"""
-
-    def gate(self, step: int, cache: BranchCache, key: tuple, segments: int, measured: bool) -> str | None:
-        """Why this step must compute without measuring anything, or None if it may cache."""
-        reason = self.must_compute(step)
-        if reason is not None:
-            return reason
-        if key != cache.key:
-            return "shape_changed" if cache.key is not None else "no_cache"
-        if len(cache.segments) < segments or (measured and cache.decision_residual is None):
-            return "no_cache"
-        return None
-
-
-def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
-    """mean|current - reference| / mean|reference|, with a single host sync."""
-    # Means in float32 so half-precision activations neither overflow nor round to zero.
-    ratio = (current - reference).abs().mean(dtype=torch.float32) / reference.abs().mean(dtype=torch.float32)
-    return float(ratio.item())
+    def record(self, cached: bool, key: tuple | None) -> None:
+        if not cached and key != self.key:  # new shapes: tensors made for the old ones must go
+            self.decision_residual = None
+            self.segments.clear()
+        super().record(cached, key)

@@ -1,0 +1,185 @@
+"""The one home of the per-step cache decision, shared by every engine that decides itself.
+
+Every transformer call of a run is one step of one CFG branch, and whether it may reuse the cache
+is decided by the same sequence everywhere (the native engine, diffusers' FirstBlockCache driven by
+our rules, and the schedule parts of the other diffusers drivers):
+
+1. the step rules alone force a compute (``warmup``, ``inactive``, ``mask``, ``interval``);
+2. there is nothing valid to reuse (``no_cache``, ``shape_changed``);
+3. with ``separate_cfg=False`` another branch already decided this step: follow it;
+4. the strategy's measure (e.g. the relative L1 change of the front blocks' residual) is compared
+   with the threshold (``above_threshold``); scheduled strategies have no measure and cache here;
+5. the caps (``max_cached``, ``max_consecutive``);
+6. the outcome is recorded in the branch's counters and, for the leader, in the shared decisions.
+
+:func:`decide` is that sequence. A strategy supplies only what it measures (a callable, evaluated
+only when step 4 is reached) and how it approximates a skipped step; it never re-implements the
+order. The meaning of each rule is documented in docs/config-reference.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import DiTCacheConfig
+
+CACHED = "cached"
+
+CacheKey = tuple  # shapes, dtype and device the cached tensors were made for
+
+
+def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
+    """mean|current - reference| / mean|reference|, with a single host sync.
+
+    The statistic of diffusers' FirstBlockCache and Cache-DiT's DBCache, so equal thresholds mean
+    the same on every backend. Means in float32 so half-precision activations neither overflow nor
+    round to zero.
+    """
+    ratio = (current - reference).abs().mean(dtype=torch.float32) / reference.abs().mean(dtype=torch.float32)
+    return float(ratio.item())
+
+
+def cache_key(hidden: Any, encoder: Any = None) -> CacheKey:
+    """What cached tensors are valid for: any change of shape, dtype or device invalidates them."""
+    if not isinstance(hidden, torch.Tensor):
+        return (None,)
+    encoder_shape = tuple(encoder.shape) if isinstance(encoder, torch.Tensor) else None
+    return (tuple(hidden.shape), hidden.dtype, hidden.device, encoder_shape)
+
+
+def cache_gap(key: CacheKey, stored_key: CacheKey | None, has_cache: bool = True) -> str | None:
+    """Why there is nothing valid to reuse for inputs with ``key``, or None."""
+    if key != stored_key:
+        return "shape_changed" if stored_key is not None else "no_cache"
+    return None if has_cache else "no_cache"
+
+
+@dataclass
+class BranchCounters:
+    """What one branch did so far in a run: the caps and the cache key need it."""
+
+    cached_total: int = 0
+    consecutive_cached: int = 0
+    key: CacheKey | None = None  # input key at the last computed step
+
+    def record(self, cached: bool, key: CacheKey | None) -> None:
+        if cached:
+            self.cached_total += 1
+            self.consecutive_cached += 1
+        else:
+            self.consecutive_cached = 0
+            self.key = key
+
+
+class StepRules:
+    """The config's step schedule and caps, evaluated for one step of one branch."""
+
+    def __init__(self, config: DiTCacheConfig) -> None:
+        self.threshold = config.threshold
+        self.warmup_steps = config.warmup_steps or 0
+        self.start, self.end = config.active_steps or (0, None)
+        self.mask = config.compute_mask
+        self.interval = config.cache_interval
+        self.max_cached = config.max_cached_steps
+        self.max_consecutive = config.max_consecutive_cached
+
+    def inactive(self, step: int) -> bool:
+        return step < self.start or (self.end is not None and step >= self.end)
+
+    def must_compute(self, step: int) -> str | None:
+        """Why the schedule alone forces this step to compute, or None."""
+        if step < self.warmup_steps:
+            return "warmup"
+        if self.inactive(step):
+            return "inactive"
+        if self.mask is not None and (step >= len(self.mask) or self.mask[step] == 1):
+            return "mask"
+        if self.interval is not None and (step - max(self.warmup_steps, self.start)) % self.interval == 0:
+            return "interval"
+        return None
+
+    def limit(self, counters: BranchCounters) -> str | None:
+        """Why the caps forbid caching this step, or None."""
+        if self.max_cached is not None and counters.cached_total >= self.max_cached:
+            return "max_cached"
+        if self.max_consecutive is not None and counters.consecutive_cached >= self.max_consecutive:
+            return "max_consecutive"
+        return None
+
+    def judge(self, diff: float) -> str:
+        """Threshold test: cache when the measured change is below the threshold."""
+        return CACHED if diff < self.threshold else "above_threshold"
+
+
+@dataclass
+class SharedDecisions:
+    """``separate_cfg=False``: the first branch to decide a step decides it for the others.
+
+    State is still kept per branch; only the yes/no is shared. With ``enabled=False`` (separate
+    CFG) nothing is shared and every branch leads itself.
+    """
+
+    enabled: bool
+    by_step: dict[int, tuple[str, bool]] = field(default_factory=dict)  # step -> (leader branch, cached)
+
+    def leader(self, step: int, branch: str) -> tuple[str, bool] | None:
+        """The (branch, cached) another branch took at ``step``, if this branch must follow it."""
+        if not self.enabled:
+            return None
+        decision = self.by_step.get(step)
+        return decision if decision is not None and decision[0] != branch else None
+
+    def record(self, step: int, branch: str, cached: bool) -> None:
+        if self.enabled:
+            self.by_step[step] = (branch, cached)
+
+    @staticmethod
+    def follow_reason(leader: tuple[str, bool]) -> str:
+        return CACHED if leader[1] else f"follows_{leader[0]}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One call's outcome: cache or compute, why, and the measured statistic if it was measured."""
+
+    cached: bool
+    reason: str
+    diff: float | None = None
+
+    @property
+    def label(self) -> str:
+        return "cached" if self.cached else "computed"
+
+
+def decide(step: int, branch: str, rules: StepRules, counters: BranchCounters, shared: SharedDecisions,
+           key: CacheKey | None, gap: str | None = None,
+           measure: Callable[[], float] | None = None) -> Decision:
+    """Take and record the decision of one step of one branch (the sequence in the module doc).
+
+    ``gap`` is why nothing valid can be reused (see :func:`cache_gap`), ``measure`` the strategy's
+    statistic (None for scheduled strategies: they cache whenever the rules allow).
+    """
+    reason = rules.must_compute(step) or gap
+    leader = shared.leader(step, branch)
+    diff = None
+    if reason is None and leader is not None:
+        reason = SharedDecisions.follow_reason(leader)
+    elif reason is None:
+        if measure is not None:
+            diff = measure()
+            reason = rules.judge(diff)
+        if reason in (None, CACHED):
+            reason = rules.limit(counters) or CACHED
+    cached = reason == CACHED
+    if leader is None:
+        shared.record(step, branch, cached)
+    counters.record(cached, key)
+    return Decision(cached, reason, diff)
+
+
+__all__ = ["CACHED", "BranchCounters", "Decision", "SharedDecisions", "StepRules", "cache_gap", "cache_key",
+           "decide", "relative_l1"]

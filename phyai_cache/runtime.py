@@ -1,0 +1,130 @@
+"""What a run is made of: the target, one run's state, one transformer call.
+
+Shared by the lifecycle (which creates them) and the adapters (which read them); this module imports
+neither, so there is no import circle between ``lifecycle.py`` and ``adapters/base.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+
+from .decision import Decision
+from .stats import RunClock, RunStats, StepRecord
+
+
+@dataclass
+class CacheTarget:
+    """What the cache is applied to: a transformer, and the pipeline that owns it if any."""
+
+    transformer: torch.nn.Module
+    pipeline: Any = None
+
+    @property
+    def objects(self) -> list[Any]:
+        return [o for o in (self.pipeline, self.transformer) if o is not None]
+
+
+@dataclass
+class CallInfo:
+    """One transformer call in a run. Backends fill in the decision they took."""
+
+    run: RunState
+    branch: str
+    step: int
+    blocks_computed: int = 0
+    decision: str | None = None
+    reason: str = ""
+    diff: float | None = None
+    scratch: Any = None  # the backend's per-call working state
+    args: tuple = ()  # the transformer call's own arguments (references, not copies)
+    kwargs: dict[str, Any] | None = None
+
+    def take(self, decision: Decision) -> None:
+        """Record a decision from :func:`phyai_cache.decision.decide` as this call's."""
+        self.decision, self.reason, self.diff = decision.label, decision.reason, decision.diff
+
+
+class RunState:
+    """Everything the lifecycle keeps for one run only (backends keep theirs in :class:`RunStates`)."""
+
+    def __init__(self, stats: RunStats, device: torch.device | None) -> None:
+        self.stats = stats
+        self.clock = RunClock(device)
+        self.current: CallInfo | None = None
+        self._branch_steps: dict[str, int] = {}
+        self._step_key: Any = None
+        self._calls_in_step = 0
+
+    def begin_call(self, branch: str, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CallInfo:
+        step = self._branch_steps.get(branch, 0)
+        self._branch_steps[branch] = step + 1
+        self.current = CallInfo(run=self, branch=branch, step=step, args=args, kwargs=kwargs)
+        return self.current
+
+    def end_call(self, call: CallInfo, blocks_per_call: int, raised: bool = False) -> None:
+        self.current = None
+        if raised and call.decision is None:
+            call.decision, call.reason = "computed", "raised"
+        elif call.decision is None:  # backends that do not report decisions: infer from block counts
+            call.decision = "cached" if call.blocks_computed < blocks_per_call else "computed"
+        self.stats.add(
+            StepRecord(call.step, call.branch, call.decision, call.reason, call.diff, call.blocks_computed),
+            blocks_per_call,
+        )
+        self.clock.sample()
+
+    def note_cache_bytes(self, nbytes: int) -> None:
+        self.stats.cache_bytes = max(self.stats.cache_bytes, nbytes)
+
+    def branch_by_step_key(self, key: Any) -> str:
+        """Name calls by their position within the step that ``key`` identifies."""
+        if key is not None and key is self._step_key:
+            self._calls_in_step += 1
+        else:
+            self._step_key = key
+            self._calls_in_step = 0
+        return f"call{self._calls_in_step}"
+
+
+S = TypeVar("S")
+
+
+class RunStates(Generic[S]):
+    """An installation's own per-run state, one typed object per open run.
+
+    Opened when a run begins and closed when it ends (also when it raised), so an installation can
+    never hand one run's tensors to another.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[int, tuple[RunState, S]] = {}
+
+    def open(self, run: RunState, state: S) -> S:
+        self._states[id(run)] = (run, state)
+        return state
+
+    def __getitem__(self, run: RunState) -> S:
+        return self._states[id(run)][1]
+
+    def close(self, run: RunState) -> S | None:
+        entry = self._states.pop(id(run), None)
+        return entry[1] if entry is not None else None
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+class CallSource(Protocol):
+    """What an installation needs from the lifecycle that drives it."""
+
+    target: CacheTarget
+
+    def current_call(self) -> CallInfo | None:
+        """The transformer call in progress inside a run, or None (outside runs: run uncached)."""
+
+    @property
+    def pipeline_context_name(self) -> str | None:
+        """The diffusers ``cache_context`` name the pipeline has entered, if any."""

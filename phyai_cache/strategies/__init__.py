@@ -1,0 +1,155 @@
+"""Strategies, declared once each: the one mapping from a strategy name to everything about it.
+
+Each module in this package declares one :class:`StrategySpec` as ``SPEC`` (peft's ``tuners/<method>``
+is the model): the unified config fields the strategy uses and their defaults, the values that define
+it, which backends serve it (best first: ``backend="auto"`` tries them in this order) and why the
+others do not, and, when the native engine serves it, how (:class:`NativeMethod`). The config
+schema, the registry, ``list_backends()``, the CLI, the bench sweep and the reliability matrix all
+read these declarations; nothing else lists strategy names.
+
+Adding a strategy the native engine can run is one new module here (docs/extending.md).
+:func:`register_strategy` adds one at run time (tests and plug-ins).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Every backend phyai_cache knows, "auto" first (the schema's allowed values for ``backend``).
+BACKENDS: tuple[str, ...] = ("auto", "native", "diffusers", "cache_dit")
+
+# The step-schedule fields (docs/config-reference.md, "Step rules").
+STEP_SCHEDULE = ("warmup_steps", "active_steps", "max_cached_steps", "max_consecutive_cached", "compute_mask")
+
+# The unified fields whose meaning depends on the strategy: a spec lists the ones it uses, and
+# setting any other is an error. enabled, backend, strategy, separate_cfg and options apply to all.
+STRATEGY_SPECIFIC_FIELDS = (
+    "threshold", "front_blocks", "back_blocks", *STEP_SCHEDULE, "taylorseer_order", "cache_interval",
+)
+
+
+@dataclass(frozen=True)
+class NativeMethod:
+    """How the native engine runs a strategy.
+
+    measured:
+        ``True``: the step is decided after the ``front_blocks`` on the relative L1 change of their
+        residual (fbcache/dbcache). ``False``: scheduled, decided before the first block from the
+        step rules alone, and the whole block chain is forecast on cached steps (taylorseer).
+    """
+
+    measured: bool
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """Everything phyai_cache knows about one strategy, in one place.
+
+    name:
+        The ``strategy`` value in configs.
+    summary:
+        One line for ``phyai-cache backends`` and the docs.
+    fields:
+        The strategy-specific unified fields it uses (subset of ``STRATEGY_SPECIFIC_FIELDS``).
+    defaults:
+        Values filled in for unset fields (conservative; the presets are the calibrated tiers).
+    fixed, fixed_hint:
+        Values that define the strategy (fbcache is front_blocks=1, back_blocks=0) and the hint
+        shown when a config sets another value.
+    backends:
+        The backends that serve it, best first (the order ``backend="auto"`` tries).
+    not_served:
+        For backends that do not serve it: why (shown by ``phyai-cache backends``).
+    native:
+        How the native engine runs it; required when ``"native"`` is in ``backends``.
+    hit_settings:
+        Settings under which a tiny random-weight model really hits the cache (random weights show
+        little redundancy): the reliability matrix and backend tests run every strategy with them.
+    sweep:
+        What the bench and ``tune`` vary for it: ``"threshold"`` or ``"interval"`` (or None).
+    """
+
+    name: str
+    summary: str
+    fields: tuple[str, ...]
+    backends: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    fixed_hint: str = ""
+    not_served: Mapping[str, str] = field(default_factory=dict)
+    native: NativeMethod | None = None
+    hit_settings: Mapping[str, Any] = field(default_factory=dict)
+    sweep: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in (*self.fields, *self.defaults, *self.fixed) if f not in STRATEGY_SPECIFIC_FIELDS]
+        if unknown:
+            raise ValueError(f"strategy {self.name!r}: {unknown} are not strategy-specific fields "
+                             f"({', '.join(STRATEGY_SPECIFIC_FIELDS)})")
+        unused = [f for f in (*self.defaults, *self.fixed) if f not in self.fields]
+        if unused:
+            raise ValueError(f"strategy {self.name!r}: defaults/fixed values for fields it does not use: {unused}")
+        bad = [b for b in (*self.backends, *self.not_served) if b not in BACKENDS[1:]]
+        if bad or not self.backends:
+            raise ValueError(f"strategy {self.name!r}: backends must be a non-empty subset of {BACKENDS[1:]}")
+        if ("native" in self.backends) != (self.native is not None):
+            raise ValueError(f"strategy {self.name!r}: a NativeMethod is given exactly when 'native' serves it")
+        if self.sweep not in (None, "threshold", "interval"):
+            raise ValueError(f"strategy {self.name!r}: sweep must be 'threshold', 'interval' or None")
+
+    def why_not(self, backend: str) -> str:
+        """Why ``backend`` does not serve this strategy."""
+        return self.not_served.get(backend, f"backend {backend!r} does not implement {self.name!r}")
+
+
+_SPECS: dict[str, StrategySpec] = {}
+
+
+def register_strategy(spec: StrategySpec) -> StrategySpec:
+    """Make ``spec`` known to the config schema, the registry and every tool that lists strategies."""
+    if not isinstance(spec, StrategySpec):
+        raise TypeError(f"expected a StrategySpec, got {type(spec).__name__}")
+    if spec.name in _SPECS and _SPECS[spec.name] is not spec:
+        raise ValueError(f"strategy {spec.name!r} is already registered")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def unregister_strategy(name: str) -> None:
+    """Forget a strategy registered at run time (the built-in ones stay)."""
+    if name in _BUILTIN:
+        raise ValueError(f"strategy {name!r} is built in and cannot be unregistered")
+    _SPECS.pop(name, None)
+
+
+def strategy_names() -> tuple[str, ...]:
+    return tuple(_SPECS)
+
+
+def get_strategy(name: str) -> StrategySpec:
+    return _SPECS[name]
+
+
+def all_strategies() -> tuple[StrategySpec, ...]:
+    return tuple(_SPECS.values())
+
+
+def _load_builtin() -> tuple[str, ...]:
+    """Import every module of this package and register its ``SPEC``, in alphabetical order of
+    modules (``phyai-cache backends`` lists them in registration order)."""
+    names = []
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+        spec = importlib.import_module(f"{__name__}.{module}").SPEC
+        register_strategy(spec)
+        names.append(spec.name)
+    return tuple(names)
+
+
+_BUILTIN = _load_builtin()
+
+__all__ = ["BACKENDS", "NativeMethod", "StrategySpec", "all_strategies", "get_strategy", "register_strategy",
+           "strategy_names", "unregister_strategy"]

@@ -1,0 +1,22 @@
+"""fbcache: First-Block Cache (the Fn=1, Bn=0 case of dbcache).
+
+The first block always runs; when the relative L1 change of its residual against the last computed
+step is below ``threshold``, the remaining blocks reuse their cached residual. Published as
+"First Block Cache" (ParaAttention) and the basis of diffusers' FirstBlockCache and Cache-DiT's F1B0.
+"""
+
+from . import STEP_SCHEDULE, NativeMethod, StrategySpec
+
+SPEC = StrategySpec(
+    name="fbcache",
+    summary="first block decides; the rest reuse their residual when its change is below threshold",
+    fields=("threshold", "front_blocks", "back_blocks", *STEP_SCHEDULE, "taylorseer_order"),
+    defaults={"threshold": 0.12, "front_blocks": 1, "back_blocks": 0, "warmup_steps": 2},
+    fixed={"front_blocks": 1, "back_blocks": 0},
+    fixed_hint="fbcache always computes exactly the first block; use strategy 'dbcache' for other "
+               "front/back block counts",
+    backends=("native", "cache_dit", "diffusers"),
+    native=NativeMethod(measured=True),
+    hit_settings={"threshold": 10.0, "warmup_steps": 1},
+    sweep="threshold",
+)
