@@ -119,21 +119,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import reference_available, reference_workload, run_demo, tiny_workload
-
     import torch
+
+    from .bench.cli import ProgressBar
+    from .bench.demo import demo_workload, run_demo
 
     torch.set_num_threads(args.threads)
     config = load_config(args.config, **_overrides(args.set))
     if not config.enabled:
         config = config.replace(enabled=True)
-    model = args.model
-    if model == "auto":
-        model = "reference" if reference_available() else "tiny"
-    workload = reference_workload(args.steps) if model == "reference" else tiny_workload(args.steps)
+    workload = demo_workload(args.model, args.steps)
     print(f"workload: {workload.name}")
     print(f"config:   {args.config} -> " + json.dumps(_compact(config)))
-    result = run_demo(workload, config, repeats=args.repeats, progress=_progress)
+    result = run_demo(workload, config, repeats=args.repeats, progress=ProgressBar())
     _print_result(result)
     if args.json:
         with open(args.json, "w") as handle:
@@ -153,23 +151,14 @@ def _print_result(result: Any) -> None:
         ("speedup", f"{result.speedup:.2f}x (median of {len(result.ratios)} interleaved pairs)"),
         ("peak memory", f"{stats.peak_memory_bytes / 2**20:.1f} MiB ({stats.memory_kind}); "
                         f"cache holds {stats.cache_bytes / 2**10:.1f} KiB"),
-        ("PSNR vs uncached", f"{quality.psnr_db:.2f} dB"),
-        ("max abs / rel L1", f"{quality.max_abs:.4f} / {quality.rel_l1:.4f}"),
+        ("PSNR vs uncached", f"{quality['psnr_db']:.2f} dB"),
+        ("max abs / rel L1", f"{quality['max_abs']:.4f} / {quality['rel_l1']:.4f}"),
     ]
     print()
     for label, value in rows:
         print(f"  {label:20s} {value}")
     steps = " ".join("C" if r.decision == "cached" else "." for r in stats.records)
     print(f"  {'per step':20s} {steps}   (C = cached, . = computed)")
-
-
-def _progress(done: int, total: int) -> None:
-    width = 30
-    filled = int(width * done / total)
-    sys.stderr.write(f"\r  timing [{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:

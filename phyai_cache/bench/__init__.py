@@ -5,9 +5,11 @@
   :class:`BenchReport`; :mod:`.report` and :mod:`.figures` write JSON, Markdown and PNGs.
 - :func:`tune` searches (bisection over thresholds/intervals) for the fastest config whose PSNR
   against the uncached output meets a target, on calibration seeds, and verifies it on held-out seeds.
-- :func:`psnr` and :func:`ssim` are the torch-only metrics both use.
+- :mod:`.demo` runs one config against the uncached pipeline in detail (``phyai-cache demo``).
+- :func:`psnr` and :func:`ssim` are the torch-only metrics all of them use; :mod:`.measure` holds
+  the shared timing (interleaved pairs, order alternating) and scoring.
 
-The command line is ``phyai-cache bench`` / ``phyai-cache tune`` (:mod:`.cli`).
+The command line is ``phyai-cache bench`` / ``phyai-cache tune`` (:mod:`.cli`) and ``phyai-cache demo``.
 """
 
 from .metrics import psnr, ssim

@@ -1,5 +1,8 @@
 """Shared measurement helpers: timed pipeline calls, interleaved pairs, run statistics, quality.
 
+The benchmark (:mod:`.runner`), the tuner (:mod:`.tune`) and the demo (:mod:`.demo`) all time and
+score through these.
+
 Timing uses interleaved pairs (uncached, cached, cached, uncached, ...) and the median of the
 pairwise ratios: on shared cores the load changes from minute to minute, and a reference timed
 once, minutes away from the cached run, can be off by 30 %. Within a pair both runs see about the
@@ -16,10 +19,12 @@ from typing import Any
 
 import torch
 
+from ..api import CacheHandle
 from ..stats import RunStats
 from .metrics import psnr, ssim, ssim_supported
+from .workload import Workload
 
-RunOnce = Callable[[int], torch.Tensor]  # seed -> extracted output of one timed call
+TimedRun = Callable[[int], tuple[float, Any]]  # seed -> (seconds, output) of one timed call
 
 
 def timed_call(pipe: Any, kwargs: Mapping[str, Any]) -> tuple[float, Any]:
@@ -56,9 +61,8 @@ class PairTiming:
         return statistics.median(self.cached_s) if self.cached_s else None
 
 
-def interleaved_pairs(run_plain: Callable[[int], tuple[float, torch.Tensor]],
-                      run_cached: Callable[[int], tuple[float, torch.Tensor]],
-                      seeds: Sequence[int], on_run: Callable[[], None] | None = None) -> PairTiming:
+def interleaved_pairs(run_plain: TimedRun, run_cached: TimedRun, seeds: Sequence[int],
+                      on_run: Callable[[], None] | None = None) -> PairTiming:
     """For each seed: the uncached and the cached run, timed back to back.
 
     The order alternates (uncached first, then cached first, ...), so a load that drifts within
@@ -75,6 +79,35 @@ def interleaved_pairs(run_plain: Callable[[int], tuple[float, torch.Tensor]],
             if on_run is not None:
                 on_run()
     return timing
+
+
+def time_against_uncached(workload: Workload, plain: Any, cached: Any, handle: CacheHandle, seeds: Sequence[int],
+                          on_run: Callable[[], None] | None = None) -> tuple[PairTiming, list[RunStats | None]]:
+    """``cached`` (with the cache of ``handle``) against the uncached ``plain`` pipeline on ``seeds``.
+
+    One untimed warm-up call of ``cached`` (one-time costs such as lazy init are not the cache's),
+    then :func:`interleaved_pairs`, outputs read with ``workload.extract``. Returns the timing and
+    the stats of every timed cached run. The cache is disabled afterwards, also on errors.
+    """
+    runs: list[RunStats | None] = []
+
+    def run(pipe: Any, seed: int) -> tuple[float, torch.Tensor]:
+        seconds, output = timed_call(pipe, workload.call_kwargs(seed))
+        return seconds, workload.extract(output)
+
+    def run_cached(seed: int) -> tuple[float, torch.Tensor]:
+        result = run(cached, seed)
+        runs.append(handle.last_run)
+        return result
+
+    try:
+        run(cached, seeds[0])
+        if on_run is not None:
+            on_run()
+        timing = interleaved_pairs(lambda seed: run(plain, seed), run_cached, seeds, on_run)
+    finally:
+        handle.disable()
+    return timing, runs
 
 
 def summarize_runs(runs: Sequence[RunStats | None]) -> dict[str, Any]:
@@ -112,17 +145,21 @@ def summarize_runs(runs: Sequence[RunStats | None]) -> dict[str, Any]:
 def quality(cached: torch.Tensor, reference: torch.Tensor, data_range: float | None,
             agreement: Callable[[torch.Tensor], float] | None = None,
             classes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
-    """PSNR (pooled over every image), mean SSIM, and classifier agreement when available.
+    """PSNR (pooled over every image), mean SSIM, max and relative L1 error, and classifier agreement.
 
     ``data_range`` None means "the reference's peak-to-peak range" (latents of unknown scale).
-    ``psnr_db`` is ``math.inf`` for identical outputs.
+    ``psnr_db`` is ``math.inf`` for identical outputs; ``rel_l1`` is mean|cached - reference| /
+    mean|reference|. Agreement and same-class fractions are None without ``agreement``/``classes``.
     """
     span = float(reference.max() - reference.min()) if data_range is None else data_range
     span = span or 1.0
+    db = psnr(cached, reference, span)  # checks the shapes
+    error = (cached.double() - reference.double()).abs()
     result: dict[str, Any] = {
-        "psnr_db": psnr(cached, reference, span),
+        "psnr_db": db,
         "ssim": ssim(cached, reference, span) if ssim_supported(cached) else None,
-        "max_abs": float((cached.double() - reference.double()).abs().max()),
+        "max_abs": float(error.max()),
+        "rel_l1": float(error.mean() / reference.double().abs().mean().clamp_min(1e-12)),
         "agreement": None, "agreement_uncached": None, "same_class_as_uncached": None,
     }
     if agreement is not None:

@@ -22,7 +22,7 @@ import torch
 
 from ..api import CacheHandle, enable_dit_cache
 from ..errors import PhyaiCacheError
-from .measure import interleaved_pairs, quality, summarize_runs, timed_call
+from .measure import quality, summarize_runs, time_against_uncached, timed_call
 from .sweep import Skipped, SweepEntry, plan_sweep
 from .workload import Workload, reference_workload
 
@@ -152,7 +152,7 @@ def run_bench(options: BenchOptions = BenchOptions(), progress: Progress | None 
     else:
         skipped = []
     runs_per_steps = (1 + len(options.seeds)) + len(entries) * (1 + 2 * len(options.seeds))  # baseline + configs
-    counter = _Counter(progress, total=len(options.steps) * runs_per_steps)
+    counter = RunCounter(progress, total=len(options.steps) * runs_per_steps)
     baselines, rows = [], []
     for steps in options.steps:
         workload = workload_factory(steps, options.batch_size, options.cfg_scale)
@@ -170,9 +170,9 @@ def run_bench(options: BenchOptions = BenchOptions(), progress: Progress | None 
 
 
 def measure_entry(workload: Workload, plain: Any, references: dict[int, torch.Tensor], entry: SweepEntry,
-                  seeds: Sequence[int], counter: _Counter | None = None) -> BenchRow:
+                  seeds: Sequence[int], counter: RunCounter | None = None) -> BenchRow:
     """One config against the uncached ``plain`` pipeline; any failure becomes an error row."""
-    counter = counter or _Counter(None, 0)
+    counter = counter or RunCounter(None, 0)
     row = BenchRow(entry.name, entry.backend, entry.strategy, workload.steps, list(entry.presets), None)
     counter.label = f"{workload.steps} steps: {entry.backend}/{entry.name}"
     try:
@@ -199,24 +199,8 @@ def _failed(row: BenchRow, status: str, error: BaseException) -> BenchRow:
 
 
 def _measure_into(row: BenchRow, workload: Workload, plain: Any, references: dict[int, torch.Tensor],
-                  cached: Any, handle: CacheHandle, seeds: Sequence[int], counter: _Counter) -> None:
-    runs = []
-
-    def run(pipe: Any, seed: int) -> tuple[float, torch.Tensor]:
-        seconds, output = timed_call(pipe, workload.call_kwargs(seed))
-        return seconds, workload.extract(output)
-
-    def run_cached(seed: int) -> tuple[float, torch.Tensor]:
-        result = run(cached, seed)
-        runs.append(handle.last_run)
-        return result
-
-    try:
-        run(cached, seeds[0])  # warm-up: one-time costs (lazy init, first patch) are not the cache's
-        counter.tick()
-        timing = interleaved_pairs(lambda s: run(plain, s), run_cached, seeds, counter.tick)
-    finally:
-        handle.disable()
+                  cached: Any, handle: CacheHandle, seeds: Sequence[int], counter: RunCounter) -> None:
+    timing, runs = time_against_uncached(workload, plain, cached, handle, seeds, counter.tick)
     reference = torch.cat([references[s] for s in seeds])
     row.measured = {
         "latency_uncached_s": timing.latency_plain_s, "latency_cached_s": timing.latency_cached_s,
@@ -232,7 +216,7 @@ def _measure_into(row: BenchRow, workload: Workload, plain: Any, references: dic
 
 
 def _run_baseline(workload: Workload, plain: Any, seeds: Sequence[int],
-                  counter: _Counter) -> tuple[Baseline, dict[int, torch.Tensor]]:
+                  counter: RunCounter) -> tuple[Baseline, dict[int, torch.Tensor]]:
     counter.label = f"{workload.steps} steps: uncached reference"
     timed_call(plain, workload.call_kwargs(seeds[0]))  # warm-up
     counter.tick()
@@ -273,11 +257,11 @@ def environment() -> dict[str, Any]:
             "versions": versions}
 
 
-class _Counter:
-    """Counts finished pipeline runs for the progress callback."""
+class RunCounter:
+    """Counts finished pipeline runs for the progress callback (the benchmark's and the demo's)."""
 
-    def __init__(self, progress: Progress | None, total: int) -> None:
-        self.progress, self.total, self.done, self.label = progress, total, 0, ""
+    def __init__(self, progress: Progress | None, total: int, label: str = "") -> None:
+        self.progress, self.total, self.done, self.label = progress, total, 0, label
 
     def tick(self) -> None:
         self.advance_to(self.done + 1)

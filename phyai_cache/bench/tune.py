@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from ..strategies import get_strategy
 from ..errors import PhyaiCacheError
 from ..registry import list_backends
 from ..stats import RunStats
-from .measure import quality, timed_call
+from .measure import interleaved_pairs, quality, timed_call
 from .workload import CallKwargs, Extract, extract_images
 
 logger = logging.getLogger("phyai_cache.bench")
@@ -439,27 +440,24 @@ class Evaluator:
         finally:
             handle.disable()
 
-    def _timed_cached(self, config: DiTCacheConfig, kwargs: Mapping[str, Any]) -> float:
+    def _timed(self, config: DiTCacheConfig | None, make_kwargs: CallKwargs, seed: int) -> tuple[float, None]:
+        """Seconds of one call for ``seed``, with ``config``'s cache enabled around it (None: uncached)."""
+        kwargs = make_kwargs(seed)
+        if config is None:
+            return timed_call(self.pipe, kwargs)[0], None
         with enable_dit_cache(self.pipe, config, blocks=self.blocks):
-            seconds, _ = timed_call(self.pipe, kwargs)
-        return seconds
+            return timed_call(self.pipe, kwargs)[0], None
 
     def speedup(self, config: DiTCacheConfig, seeds: list[int], pairs: int) -> dict[str, float | None]:
-        """Median of interleaved uncached/cached pair ratios per case, seeds cycled. The cache is
-        enabled only around each cached call (the pipeline cannot be copied), outside the timing."""
+        """Median of interleaved uncached/cached pair ratios per case (:func:`.measure.interleaved_pairs`,
+        seeds cycled). The cache is enabled only around each cached call (the pipeline cannot be
+        copied), outside the timing."""
         result = {}
         for case, make_kwargs in self.cases.items():
-            ratios = []
-            for index in range(pairs):
-                seed = seeds[index % len(seeds)]
-                if index % 2:  # alternate the order, as the benchmark does
-                    cached_s = self._timed_cached(config, make_kwargs(seed))
-                    plain_s, _ = timed_call(self.pipe, make_kwargs(seed))
-                else:
-                    plain_s, _ = timed_call(self.pipe, make_kwargs(seed))
-                    cached_s = self._timed_cached(config, make_kwargs(seed))
-                ratios.append(plain_s / cached_s)
-            result[case] = statistics.median(ratios) if ratios else None
+            order = [seeds[i % len(seeds)] for i in range(pairs)]
+            timing = interleaved_pairs(partial(self._timed, None, make_kwargs),
+                                       partial(self._timed, config, make_kwargs), order)
+            result[case] = timing.speedup
             self.note(f"timing {case}: {_describe(config)} speedup {result[case]:.2f}x over {pairs} pairs")
         return result
 

@@ -1,7 +1,8 @@
 """What the benchmark and the tuner run: a pipeline, the call for one seed, and how to read its output.
 
-The reference workload is the shipped digits DiT (``phyai_cache.reference``); any diffusers
-pipeline works through :func:`extract_images`, the default reader of pipeline outputs.
+The reference workload is the shipped digits DiT (``phyai_cache.reference``); the tiny workload is
+a random-weight FluxPipeline (``phyai_cache.testing``) for when the reference weights are absent.
+Any diffusers pipeline works through :func:`extract_images`, the default reader of pipeline outputs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Workload:
 
     ``agreement(images, num_seeds)`` and ``classes(images)`` are optional: the reference model
     scores images with its digit classifier; other pipelines may have nothing comparable.
+    ``data_range`` None means "the uncached output's peak-to-peak range" (latents of unknown scale).
     """
 
     name: str
@@ -30,7 +32,7 @@ class Workload:
     make_pipeline: Callable[[], Any]
     call_kwargs: CallKwargs
     extract: Extract
-    data_range: float = 1.0
+    data_range: float | None = 1.0
     agreement: Callable[[torch.Tensor], float] | None = None
     classes: Callable[[torch.Tensor], torch.Tensor] | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +64,32 @@ def reference_workload(steps: int, batch_size: int = 10, cfg_scale: float | None
         details={"model": "phyai_cache.reference digits DiT (FluxPipeline, 2.29 M params, 16x16)",
                  "steps": steps, "batch_size": batch_size, "cfg_scale": cfg_scale, "dtype": "float32",
                  "device": "cpu"},
+    )
+
+
+def reference_available() -> bool:
+    """Whether the reference model's weights are installed (a stripped install may lack them)."""
+    try:
+        from ..reference import WEIGHTS_DIR
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return any(WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def tiny_workload(steps: int) -> Workload:
+    """A tiny random-weight FluxPipeline, scored on its latents: shows what a cache does, not its quality."""
+    from ..testing import build_tiny_pipeline
+
+    template = build_tiny_pipeline("flux")  # only its call kwargs are used
+    return Workload(
+        name=f"tiny random-weight FluxPipeline, {steps} steps",
+        steps=steps,
+        make_pipeline=lambda: build_tiny_pipeline("flux").pipe,
+        call_kwargs=lambda seed: template.call_kwargs(num_inference_steps=steps, seed=seed),
+        extract=extract_images,
+        data_range=None,
+        details={"model": "phyai_cache.testing tiny FluxPipeline (random weights)", "steps": steps,
+                 "dtype": "float32", "device": "cpu"},
     )
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from phyai_cache.bench import extract_images, psnr, ssim
+from phyai_cache.bench.measure import quality
 from phyai_cache.bench.metrics import SSIM_K1, SSIM_K2, _gaussian_window
-from phyai_cache.quality import compare
 
 
 def _images(seed: int = 0, shape=(3, 1, 16, 16)) -> torch.Tensor:
@@ -29,9 +29,16 @@ def test_psnr_of_a_known_error(delta, data_range, expected):
     assert psnr(x + delta, x, data_range) == pytest.approx(expected, abs=1e-3)
 
 
-def test_psnr_matches_the_package_quality_module():
-    a, b = _images(0), _images(1)
-    assert psnr(a, b) == pytest.approx(compare(a, b, data_range=1.0).psnr_db, rel=1e-9)
+def test_quality_reports_psnr_max_abs_and_relative_l1():
+    reference = torch.full((1, 1, 8, 8), 0.5)
+    cached = reference.clone()
+    cached[0, 0, 0, 0] = 0.9  # one pixel off by 0.4
+    q = quality(cached, reference, data_range=1.0)
+    assert q["psnr_db"] == pytest.approx(psnr(cached, reference, 1.0), rel=1e-12)
+    assert q["max_abs"] == pytest.approx(0.4, rel=1e-6)
+    assert q["rel_l1"] == pytest.approx(0.4 / 64 / 0.5, rel=1e-6)
+    # without a data range, the reference's peak-to-peak range is the scale (here 0, so 1.0)
+    assert quality(cached, reference, data_range=None)["psnr_db"] == q["psnr_db"]
 
 
 @pytest.mark.parametrize("a, b", [(0.2, 0.3), (0.5, 0.5), (0.0, 1.0)])
