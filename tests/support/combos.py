@@ -6,15 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from phyai_cache import list_backends
-
-HIT_SETTINGS: dict[str, dict[str, Any]] = {
-    "fbcache": dict(threshold=10.0, warmup_steps=1),
-    "dbcache": dict(threshold=10.0, warmup_steps=1, front_blocks=1, back_blocks=1),
-    "taylorseer": dict(warmup_steps=1, taylorseer_order=1),
-    "pab": dict(),
-    "fastercache": dict(),
-    "magcache": dict(threshold=10.0, warmup_steps=1),
-}
+from phyai_cache.strategies import get_strategy
 
 
 def served_combinations() -> list[tuple[str, str]]:
@@ -23,7 +15,7 @@ def served_combinations() -> list[tuple[str, str]]:
 
 
 def settings_for(backend: str, strategy: str) -> dict[str, Any]:
-    return dict(enabled=True, backend=backend, strategy=strategy, **HIT_SETTINGS[strategy])
+    return dict(enabled=True, backend=backend, strategy=strategy, **get_strategy(strategy).hit_settings)
 
 
 def combo_id(combo: tuple[str, str]) -> str:
