@@ -10,17 +10,21 @@ from .blocks import BlockSpec
 from .config import DiTCacheConfig, list_presets, load_config
 from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, PhyaiCacheError
 from .registry import list_backends
-from .stats import RunStats, StepRecord
+from .requests import Request, Row
+from .stats import BatchStats, RunStats, StepRecord
 
 __all__ = [
     "__version__",
     "BackendUnavailableError",
+    "BatchStats",
     "BlockSpec",
     "CacheHandle",
     "CacheStateError",
     "DiTCacheConfig",
     "DiTCacheConfigError",
     "PhyaiCacheError",
+    "Request",
+    "Row",
     "RunStats",
     "StepRecord",
     "disable_dit_cache",

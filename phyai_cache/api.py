@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .blocks import BlocksArg
@@ -13,7 +13,8 @@ from .errors import CacheStateError
 from .lifecycle import HANDLE_ATTR, Lifecycle, resolve_target
 from .runtime import CacheTarget
 from .registry import resolve_backend
-from .stats import RunStats
+from .requests import Request, RowLike
+from .stats import BatchStats, RunStats
 
 logger = logging.getLogger("phyai_cache")
 
@@ -82,6 +83,63 @@ class CacheHandle:
             return
         with self._lifecycle.branch(name):
             yield
+
+    # -- serving: per-call overrides, requests, step-level batches (native engine) --------------
+
+    @contextlib.contextmanager
+    def override(self, config: ConfigSource = None, **overrides: Any) -> Iterator[None]:
+        """Run the pipeline calls (or ``handle.run()`` scopes) inside with another config.
+
+        ``config``/``overrides`` resolve like :func:`enable_dit_cache`'s (overrides apply on top of
+        the handle's config when no ``config`` is given); validated before anything runs. The
+        handle's own config is untouched afterwards. Native engine only.
+        """
+        with self._lifecycle_for("override").override(self._resolve(config, overrides)):
+            yield
+
+    def open_request(self, config: ConfigSource = None, *, request_id: str | None = None,
+                     num_inference_steps: int | None = None, **overrides: Any) -> Request:
+        """Open a request with its own cache state on this shared model (native engine only).
+
+        ``config``: a preset name, a mapping, a :class:`DiTCacheConfig` or ``None`` for the handle's
+        config, with ``overrides`` on top; ``enabled=False`` serves the request uncached. Validated
+        here: a config the engine cannot serve on this model raises before the request exists.
+        Close it with ``request.close()`` (or ``cancel()``, or use it as a context manager).
+        """
+        return self._lifecycle_for("open_request").open_request(self._resolve(config, overrides), request_id,
+                                                                num_inference_steps)
+
+    @contextlib.contextmanager
+    def batch(self, rows: Sequence[RowLike], *, per_row: bool = True) -> Iterator[None]:
+        """Describe the transformer calls inside as step-level batches: ``rows`` are
+        :class:`Row` (request, branch, size) in batch order. Each row group steps its own request and
+        is decided on its own rows; with ``per_row=False`` the batch computes unless every group
+        would cache (what peers do; for comparison). Checked before anything runs."""
+        with self._lifecycle_for("batch").batch(rows, per_row):
+            yield
+
+    @property
+    def open_requests(self) -> list[str]:
+        """Ids of the requests open on this handle."""
+        return self._lifecycle.open_requests if self._lifecycle is not None else []
+
+    @property
+    def last_batch(self) -> BatchStats | None:
+        """What the most recent step-level batch forward did."""
+        return self._lifecycle.last_batch if self._lifecycle is not None else None
+
+    def _resolve(self, config: ConfigSource, overrides: dict[str, Any]) -> DiTCacheConfig:
+        if config is None:
+            return self._config.replace(**overrides) if overrides else self._config
+        return load_config(config, **overrides)
+
+    def _lifecycle_for(self, operation: str) -> Lifecycle:
+        if self._lifecycle is None:
+            raise CacheStateError(f"handle.{operation}() needs an enabled cache: this handle is "
+                                  + ("disabled by its config (enabled=False)" if self._backend is None
+                                     else "no longer enabled (disable() was called)")
+                                  + "; enable one with enable_dit_cache(target, enabled=True, backend='native', ...)")
+        return self._lifecycle
 
     def disable(self) -> None:
         """Remove the cache; the target then behaves exactly as if it had never been enabled."""

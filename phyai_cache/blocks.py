@@ -36,6 +36,12 @@ class BlockSpec:
     return_hidden_states_index, return_encoder_hidden_states_index:
         Where those streams are in the block's returned tuple; ``None`` for the hidden index means
         the block returns a bare tensor.
+    row_args, shared_args:
+        For step-level batches whose rows decide separately (serving), a block may run on a subset
+        of the rows: arguments named in ``row_args`` hold one entry per batch row and are sliced,
+        those in ``shared_args`` (rotary tables) are passed whole. Common names are known
+        (:data:`ROW_ARGUMENTS`, :data:`SHARED_ARGUMENTS`); an unnamed tensor whose first dimension
+        equals the batch size is ambiguous and refused with an error naming it.
     """
 
     path: str
@@ -43,6 +49,14 @@ class BlockSpec:
     encoder_hidden_states_arg: str | int | None = None
     return_hidden_states_index: int | None = None
     return_encoder_hidden_states_index: int | None = None
+    row_args: tuple[str, ...] = ()
+    shared_args: tuple[str, ...] = ()
+
+
+# Block arguments whose meaning is the same in every DiT family diffusers ships: one entry per batch
+# row (timestep embeddings, masks) or one table for the whole batch (rotary embeddings).
+ROW_ARGUMENTS = ("temb", "timestep", "attention_mask", "encoder_attention_mask", "modulation", "emb")
+SHARED_ARGUMENTS = ("image_rotary_emb", "rotary_emb", "freqs_cis", "rotary_pos_emb", "pos_emb", "position_ids")
 
 
 BlocksArg = Union[None, str, BlockSpec, Mapping[str, Any], Sequence[Union[str, BlockSpec, Mapping[str, Any]]]]
@@ -63,6 +77,10 @@ class BlockIO:
             self.encoder_name, self.encoder_pos = _locate_argument(
                 module, spec.encoder_hidden_states_arg, spec.path, "encoder_hidden_states_arg"
             )
+        self.path = spec.path
+        self.positional_names = _positional_names(module)
+        self.row_names = {*ROW_ARGUMENTS, *spec.row_args, self.hidden_name, self.encoder_name} - {None}
+        self.shared_names = {*SHARED_ARGUMENTS, *spec.shared_args} - set(spec.row_args)
         self.hidden_index = spec.return_hidden_states_index
         self.encoder_index = spec.return_encoder_hidden_states_index
         self.tuple_length = _tuple_length(spec)
@@ -104,6 +122,23 @@ class BlockIO:
             )
         encoder = output[self.encoder_index] if self.encoder_index is not None else None
         return output[self.hidden_index], encoder
+
+    def select_rows(self, args: tuple, kwargs: dict, index: torch.Tensor, batch: int) -> tuple[tuple, dict]:
+        """The block's arguments for the batch rows in ``index``: per-row arguments sliced, shared ones
+        passed whole. Raises when an argument cannot be told apart (see :class:`BlockSpec`)."""
+        names = [self.positional_names[i] if i < len(self.positional_names) else f"#{i}" for i in range(len(args))]
+        rows_args = tuple(self._select(name, value, index, batch) for name, value in zip(names, args))
+        return rows_args, {name: self._select(name, value, index, batch) for name, value in kwargs.items()}
+
+    def _select(self, name: str, value: Any, index: torch.Tensor, batch: int) -> Any:
+        if name in self.row_names and value is not None:
+            return _take_rows(value, index, batch, f"{self.path} argument {name!r}")
+        if name in self.shared_names or not _has_batch_rows(value, batch):
+            return value
+        raise CacheStateError(
+            f"cannot tell whether argument {name!r} of the blocks in {self.path!r} holds one entry per batch row "
+            f"or is shared by all rows (its first dimension equals the batch size {batch}); declare it with "
+            f"BlockSpec(path={self.path!r}, row_args=({name!r},)) or shared_args=({name!r},)")
 
     def make_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         if not self.returns_tuple:
@@ -274,6 +309,36 @@ def check_block_counts(front: int, back: int, total: int, where: str = "") -> No
     if front >= total:
         raise DiTCacheConfigError("front_blocks", front, f"1 to {max(total - 1 - back, 1)} {context}, back_blocks={back})")
     raise DiTCacheConfigError("back_blocks", back, f"0 to {max(total - 1 - front, 0)} {context}, front_blocks={front})")
+
+
+def _positional_names(module: torch.nn.Module) -> list[str]:
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _take_rows(value: Any, index: torch.Tensor, batch: int, what: str) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take_rows(item, index, batch, what) for item in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dim() == 0 or value.shape[0] != batch:
+        if value.dim() > 0 and value.shape[0] == 1:
+            return value  # broadcast over the batch: the same for every row
+        raise CacheStateError(f"{what} has {value.shape[0] if value.dim() else 0} rows where the batch has {batch}")
+    return value.index_select(0, index)
+
+
+def _has_batch_rows(value: Any, batch: int) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() > 0 and value.shape[0] == batch and batch > 1
+    if isinstance(value, (tuple, list)):
+        return any(_has_batch_rows(item, batch) for item in value)
+    if isinstance(value, Mapping):
+        return any(_has_batch_rows(item, batch) for item in value.values())
+    return False
 
 
 def _tuple_length(spec: BlockSpec) -> int:

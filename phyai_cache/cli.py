@@ -66,7 +66,7 @@ def _add_extension_commands(commands: Any) -> None:
     """Subcommands that live with their feature (e.g. ``bench``/``tune`` in phyai_cache.bench)."""
     import importlib
 
-    for module_name in ("phyai_cache.bench.cli",):
+    for module_name in ("phyai_cache.bench.cli", "phyai_cache.serving.cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:

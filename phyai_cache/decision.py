@@ -149,16 +149,22 @@ class Decision:
     cached: bool
     reason: str
     diff: float | None = None
+    followed: bool = False  # taken from another branch's decision (separate_cfg=False)
 
     @property
     def label(self) -> str:
         return "cached" if self.cached else "computed"
 
+    def overruled(self, reason: str) -> Decision:
+        """This decision turned into a compute for ``reason`` (e.g. the whole batch computes)."""
+        return Decision(False, reason if self.cached else self.reason, self.diff, self.followed)
+
 
 def decide(step: int, branch: str, rules: StepRules, counters: BranchCounters, shared: SharedDecisions,
            key: CacheKey | None, gap: str | None = None,
-           measure: Callable[[], float] | None = None) -> Decision:
-    """Take and record the decision of one step of one branch (the sequence in the module doc).
+           measure: Callable[[], float] | None = None, commit: bool = True) -> Decision:
+    """Take the decision of one step of one branch (the sequence in the module doc) and, unless
+    ``commit=False``, record it (:func:`record`).
 
     ``gap`` is why nothing valid can be reused (see :func:`cache_gap`), ``measure`` the strategy's
     statistic (None for scheduled strategies: they cache whenever the rules allow).
@@ -174,12 +180,33 @@ def decide(step: int, branch: str, rules: StepRules, counters: BranchCounters, s
             reason = rules.judge(diff)
         if reason in (None, CACHED):
             reason = rules.limit(counters) or CACHED
-    cached = reason == CACHED
-    if leader is None:
-        shared.record(step, branch, cached)
-    counters.record(cached, key)
-    return Decision(cached, reason, diff)
+    # A branch whose step another branch already decided never overwrites that leader's record,
+    # whether it followed it or was forced to compute by its own rules.
+    decision = Decision(reason == CACHED, reason, diff, followed=leader is not None)
+    if commit:
+        record(decision, step, branch, counters, shared, key)
+    return decision
+
+
+def record(decision: Decision, step: int, branch: str, counters: BranchCounters, shared: SharedDecisions,
+           key: CacheKey | None) -> None:
+    """Record a decision in the branch's counters and, for a leader, in the shared decisions."""
+    if not decision.followed:
+        shared.record(step, branch, decision.cached)
+    counters.record(decision.cached, key)
+
+
+def relative_l1_groups(current: torch.Tensor, reference: torch.Tensor, sizes: list[int]) -> list[float]:
+    """:func:`relative_l1` of each group of consecutive rows (``sizes`` rows each), one host sync.
+
+    ``reference`` holds each group's own reference rows, stacked in the same order. Every row has
+    the same number of elements, so a group's ratio of means is the mean of its rows' means.
+    """
+    numerator = (current - reference).abs().flatten(1).mean(1, dtype=torch.float32)
+    denominator = reference.abs().flatten(1).mean(1, dtype=torch.float32)
+    ratios = torch.stack([n.mean() / d.mean() for n, d in zip(numerator.split(sizes), denominator.split(sizes))])
+    return ratios.tolist()
 
 
 __all__ = ["CACHED", "BranchCounters", "Decision", "SharedDecisions", "StepRules", "cache_gap", "cache_key",
-           "decide", "relative_l1"]
+           "decide", "record", "relative_l1", "relative_l1_groups"]

@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,9 +33,10 @@ import torch
 from ._patch import ClassSwap, InstancePatch, UndoStack
 from .adapters.base import Installation
 from .config import DiTCacheConfig
-from .errors import CacheStateError, DiTCacheConfigError
-from .runtime import CacheTarget, CallInfo, RunState
-from .stats import RunStats
+from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
+from .requests import Request, Row, RowLike, normalize_rows
+from .runtime import CacheTarget, CallInfo, RunState, TransformerCall
+from .stats import BatchStats, RunStats
 
 logger = logging.getLogger("phyai_cache")
 
@@ -62,8 +65,17 @@ class Lifecycle:
         self.config = config
         self.backend = backend
         self.installation: Installation | None = None
-        self.run_state: RunState | None = None
+        self.run_state: RunState | None = None  # the run of a pipeline call or handle.run()
         self.last_run: RunStats | None = None
+        self.last_batch: BatchStats | None = None
+        self._requests: dict[str, RunState] = {}  # open serving requests
+        self._in_flight: set[int] = set()  # ids of the runs in the forward in progress
+        self._closing: dict[int, bool] = {}  # closed during a forward: freed when it ends (completed?)
+        self._lock = threading.RLock()
+        self._request_ids = itertools.count()
+        self._forward: TransformerCall | None = None
+        self._batch: tuple[list[Row], bool] | None = None
+        self._override: DiTCacheConfig | None = None
         self._explicit_branch: str | None = None
         self._context_name: str | None = None
         self._undo = UndoStack()
@@ -100,6 +112,9 @@ class Lifecycle:
     def uninstall(self) -> None:
         if self.run_state is not None:
             raise CacheStateError("cannot disable the cache while a run is in progress")
+        if self._requests:
+            raise CacheStateError(f"cannot disable the cache while {len(self._requests)} request(s) are open "
+                                  f"({', '.join(list(self._requests)[:4])}); close or cancel them first")
         self._undo.undo()
 
     @property
@@ -108,8 +123,11 @@ class Lifecycle:
         return self._context_name
 
     def current_call(self) -> CallInfo | None:
-        run = self.run_state
-        return run.current if run is not None else None
+        forward = self._forward
+        return forward.single if forward is not None else None
+
+    def current_forward(self) -> TransformerCall | None:
+        return self._forward
 
     # -- run and branch scopes ----------------------------------------------------------------
 
@@ -118,11 +136,12 @@ class Lifecycle:
         if self.run_state is not None:
             raise CacheStateError(
                 "a run is already in progress on this target: runs cannot nest, and one cached "
-                "pipeline or transformer cannot serve two generations at once (use one instance per thread)"
+                "pipeline or transformer cannot serve two generations at once (serve concurrent generations "
+                "as requests: handle.open_request() and handle.batch())"
             )
-        assert self.installation is not None
-        stats = RunStats(backend=self.backend, strategy=self.config.strategy, num_inference_steps=num_inference_steps)
-        run = RunState(stats, _device_of(self.target.transformer))
+        if self._batch is not None:
+            raise CacheStateError("a pipeline call or handle.run() inside handle.batch(): batches carry requests only")
+        run = self._new_run(self._override or self.config, num_inference_steps)
         self.run_state = run
         completed = False
         try:
@@ -134,10 +153,100 @@ class Lifecycle:
                 self.installation.end_run(run)
             finally:
                 self.run_state = None
-                run.clock.stop(stats)
-                stats.completed = completed
-                self.last_run = stats
-                logger.info(stats.summary())
+                self.last_run = self._finish_stats(run, completed)
+
+    def _new_run(self, config: DiTCacheConfig, num_inference_steps: int | None,
+                 request_id: str | None = None) -> RunState:
+        assert self.installation is not None
+        stats = RunStats(backend=self.backend, strategy=config.strategy if config.enabled else "disabled",
+                         num_inference_steps=num_inference_steps)
+        return RunState(stats, _device_of(self.target.transformer), config, request_id)
+
+    @staticmethod
+    def _finish_stats(run: RunState, completed: bool) -> RunStats:
+        run.clock.stop(run.stats)
+        run.stats.completed = completed
+        logger.info(run.stats.summary())
+        return run.stats
+
+    # -- per-call overrides, requests and step-level batches (native engine) ---------------------
+
+    def check_config(self, config: DiTCacheConfig) -> None:
+        """Raise a clear error unless a run with ``config`` can be served here; changes nothing."""
+        assert self.installation is not None
+        if not self.installation.serves_requests:
+            raise BackendUnavailableError(
+                f"per-call configs, requests and step-level batches need backend 'native'; this cache runs on "
+                f"{self.backend!r}, which takes one decision per transformer call for the whole batch and keeps "
+                "its state per model, not per request. Enable with backend='native' (or 'auto' for a native strategy)")
+        self.installation.plan_for(config)
+
+    @contextlib.contextmanager
+    def override(self, config: DiTCacheConfig) -> Iterator[None]:
+        self.check_config(config)
+        if self.run_state is not None:
+            raise CacheStateError("handle.override() inside a run: wrap the whole pipeline call or handle.run()")
+        previous, self._override = self._override, config
+        try:
+            yield
+        finally:
+            self._override = previous
+
+    def open_request(self, config: DiTCacheConfig, request_id: str | None,
+                     num_inference_steps: int | None) -> Request:
+        self.check_config(config)
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise DiTCacheConfigError("request_id", request_id, "a non-empty string, or None for a generated one")
+        with self._lock:
+            request_id = request_id or f"request-{next(self._request_ids)}"
+            if request_id in self._requests:
+                raise CacheStateError(f"request {request_id!r} is already open on this model")
+            run = self._new_run(config, num_inference_steps, request_id)
+            self.installation.begin_run(run)
+            self._requests[request_id] = run
+        return Request(self, run)
+
+    def is_open(self, run: RunState) -> bool:
+        with self._lock:
+            return self._requests.get(run.request_id) is run and id(run) not in self._closing
+
+    def close_request(self, run: RunState, completed: bool) -> None:
+        """Free a request now, or when the forward it is part of ends (another thread may close it)."""
+        with self._lock:
+            if self._requests.get(run.request_id) is not run or id(run) in self._closing:
+                return
+            if id(run) in self._in_flight:
+                self._closing[id(run)] = completed
+                return
+            self._free(run, completed)
+
+    def _free(self, run: RunState, completed: bool) -> None:
+        del self._requests[run.request_id]
+        self._closing.pop(id(run), None)
+        try:
+            self.installation.end_run(run)
+        finally:
+            self._finish_stats(run, completed)
+
+    @property
+    def open_requests(self) -> list[str]:
+        with self._lock:
+            return [rid for rid, run in self._requests.items() if id(run) not in self._closing]
+
+    @contextlib.contextmanager
+    def batch(self, rows: Sequence[RowLike], per_row: bool = True) -> Iterator[None]:
+        assert self.installation is not None
+        self.check_config(self.config)  # refuses non-native backends
+        normalized = normalize_rows(rows, self)
+        if self.run_state is not None:
+            raise CacheStateError("handle.batch() inside a pipeline call or handle.run(): a batch carries requests")
+        if self._batch is not None:
+            raise CacheStateError("handle.batch() cannot nest")
+        self._batch = (normalized, bool(per_row))
+        try:
+            yield
+        finally:
+            self._batch = None
 
     @contextlib.contextmanager
     def branch(self, name: str) -> Iterator[None]:
@@ -155,12 +264,16 @@ class Lifecycle:
     def _wrap_forward(self, original: Any) -> Any:
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if self._forward is not None:  # a call made from inside the transformer's own forward
+                return original(*args, **kwargs)
+            if self._batch is not None:
+                return self._batched_forward(original, args, kwargs)
             run = self.run_state
-            if run is None or run.current is not None:
-                if run is None:
-                    self._warn_outside_run()
+            if run is None:
+                self._warn_outside_run()
                 return original(*args, **kwargs)
             call = run.begin_call(self._branch_for_call(run, kwargs), args, kwargs)
+            self._forward = TransformerCall([call])
             raised = True
             try:
                 with self.installation.call_context(call):
@@ -168,9 +281,53 @@ class Lifecycle:
                 raised = False
                 return output
             finally:
+                self._forward = None
                 run.end_call(call, self.installation.blocks_per_call, raised)
 
         return forward
+
+    def _batched_forward(self, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        rows, per_row = self._batch
+        runs = self._claim(rows, _batch_size(args, kwargs))
+        calls, start = [], 0
+        for row, run in zip(rows, runs):
+            calls.append(run.begin_call(row.branch, args, kwargs, rows=slice(start, start + row.size)))
+            start += row.size
+        self._forward = TransformerCall(calls, batched=True, per_row=per_row)
+        raised = True
+        try:
+            output = original(*args, **kwargs)
+            raised = False
+            return output
+        finally:
+            self._forward = None
+            for call in calls:
+                call.run.end_call(call, self.installation.blocks_per_call, raised)
+            self.last_batch = BatchStats.of(calls, start, self.installation.blocks_per_call)
+            self._release(runs)
+
+    def _claim(self, rows: list[Row], batch_size: int | None) -> list[RunState]:
+        """Check the batch against the open requests and mark them in flight, before anything runs."""
+        total = sum(row.size for row in rows)
+        if batch_size is not None and batch_size != total:
+            raise CacheStateError(f"the batch has {batch_size} rows but the row list describes {total} "
+                                  f"({len(rows)} entries); describe every row of the batch, in order")
+        with self._lock:
+            runs = []
+            for index, row in enumerate(rows):
+                run = row.request._run
+                if not self.is_open(run):
+                    raise CacheStateError(f"rows[{index}] names request {row.request.id!r}, which is closed")
+                runs.append(run)
+            self._in_flight.update(id(run) for run in runs)
+        return runs
+
+    def _release(self, runs: list[RunState]) -> None:
+        with self._lock:
+            self._in_flight.clear()
+            for run in runs:
+                if id(run) in self._closing:
+                    self._free(run, self._closing[id(run)])
 
     def _wrap_cache_context(self, original: Any) -> Any:
         @contextlib.contextmanager
@@ -238,6 +395,12 @@ def _steps_argument(signature: inspect.Signature, pipe: Any, args: tuple, kwargs
         parameter = signature.parameters.get("num_inference_steps")
         value = parameter.default if parameter is not None else None
     return value if isinstance(value, int) else None
+
+
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a transformer call, when its hidden states can be found by convention."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    return hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
 
 
 def _device_of(module: torch.nn.Module) -> torch.device | None:

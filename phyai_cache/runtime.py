@@ -6,13 +6,17 @@ neither, so there is no import circle between ``lifecycle.py`` and ``adapters/ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from .config import DiTCacheConfig
 from .decision import Decision
 from .stats import RunClock, RunStats, StepRecord
+
+
+ALL_ROWS = slice(None)
 
 
 @dataclass
@@ -41,6 +45,7 @@ class CallInfo:
     scratch: Any = None  # the backend's per-call working state
     args: tuple = ()  # the transformer call's own arguments (references, not copies)
     kwargs: dict[str, Any] | None = None
+    rows: slice = field(default_factory=lambda: ALL_ROWS)  # its rows of a step-level batch; else all
 
     def take(self, decision: Decision) -> None:
         """Record a decision from :func:`phyai_cache.decision.decide` as this call's."""
@@ -48,24 +53,34 @@ class CallInfo:
 
 
 class RunState:
-    """Everything the lifecycle keeps for one run only (backends keep theirs in :class:`RunStates`)."""
+    """Everything the lifecycle keeps for one run only (backends keep theirs in :class:`RunStates`).
 
-    def __init__(self, stats: RunStats, device: torch.device | None) -> None:
+    A run is one generation: a pipeline call, a ``handle.run()`` scope, or a serving request opened
+    with ``handle.open_request()``. ``config`` is the cache config it runs with (the handle's, a
+    per-call override, or the request's own).
+    """
+
+    def __init__(self, stats: RunStats, device: torch.device | None, config: DiTCacheConfig,
+                 request_id: str | None = None) -> None:
         self.stats = stats
         self.clock = RunClock(device)
-        self.current: CallInfo | None = None
+        self.config = config
+        self.request_id = request_id
         self._branch_steps: dict[str, int] = {}
         self._step_key: Any = None
         self._calls_in_step = 0
 
-    def begin_call(self, branch: str, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CallInfo:
+    def begin_call(self, branch: str, args: tuple = (), kwargs: dict[str, Any] | None = None,
+                   rows: slice = ALL_ROWS) -> CallInfo:
         step = self._branch_steps.get(branch, 0)
         self._branch_steps[branch] = step + 1
-        self.current = CallInfo(run=self, branch=branch, step=step, args=args, kwargs=kwargs)
-        return self.current
+        return CallInfo(run=self, branch=branch, step=step, args=args, kwargs=kwargs, rows=rows)
+
+    def steps_of(self, branch: str) -> int:
+        """How many calls of ``branch`` this run has made."""
+        return self._branch_steps.get(branch, 0)
 
     def end_call(self, call: CallInfo, blocks_per_call: int, raised: bool = False) -> None:
-        self.current = None
         if raised and call.decision is None:
             call.decision, call.reason = "computed", "raised"
         elif call.decision is None:  # backends that do not report decisions: infer from block counts
@@ -87,6 +102,25 @@ class RunState:
             self._step_key = key
             self._calls_in_step = 0
         return f"call{self._calls_in_step}"
+
+
+@dataclass
+class TransformerCall:
+    """One transformer forward: one :class:`CallInfo` per (run, branch) whose rows it computes.
+
+    Outside step-level batches there is exactly one, covering the whole batch. In a batch
+    (``handle.batch(rows)``), each call covers its own consecutive rows and decides on them alone;
+    ``per_row=False`` makes the batch compute unless every call would cache (what peers do).
+    """
+
+    calls: list[CallInfo]
+    batched: bool = False
+    per_row: bool = True
+    scratch: Any = None  # the engine's working state for this forward
+
+    @property
+    def single(self) -> CallInfo | None:
+        return self.calls[0] if len(self.calls) == 1 and not self.batched else None
 
 
 S = TypeVar("S")
@@ -124,6 +158,9 @@ class CallSource(Protocol):
 
     def current_call(self) -> CallInfo | None:
         """The transformer call in progress inside a run, or None (outside runs: run uncached)."""
+
+    def current_forward(self) -> TransformerCall | None:
+        """The transformer forward in progress with all its calls (one per batch row group)."""
 
     @property
     def pipeline_context_name(self) -> str | None:

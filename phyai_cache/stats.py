@@ -98,6 +98,30 @@ class RunStats:
         )
 
 
+@dataclass
+class BatchStats:
+    """One step-level batch forward (``handle.batch(rows)``): what each row group decided and how
+    much of the batch's block work ran. ``row_blocks_computed / row_blocks_total`` is the share of
+    row-blocks that really ran (the ideal time ratio at equal cost per row)."""
+
+    rows: int
+    row_blocks_total: int
+    row_blocks_computed: int
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.row_blocks_computed / self.row_blocks_total if self.row_blocks_total else 1.0
+
+    @classmethod
+    def of(cls, calls: list[Any], rows: int, blocks_per_call: int) -> BatchStats:
+        groups = [{"request": c.run.request_id, "branch": c.branch, "step": c.step,
+                   "rows": c.rows.stop - c.rows.start, "decision": c.decision, "reason": c.reason, "diff": c.diff,
+                   "blocks_computed": c.blocks_computed} for c in calls]
+        computed = sum(g["rows"] * g["blocks_computed"] for g in groups)
+        return cls(rows, rows * blocks_per_call, computed, groups)
+
+
 class RunClock:
     """Latency and peak-memory measurement around one run, without side effects on the process."""
 

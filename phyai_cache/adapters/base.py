@@ -41,6 +41,13 @@ class Installation(ABC):
     """A backend applied to one target."""
 
     blocks_per_call: int = 0  # block forwards an uncached transformer call executes
+    # Whether runs may bring their own config (requests, per-call overrides) and share a forward
+    # (step-level batches). Only engines that decide per row group and keep state per run can.
+    serves_requests: ClassVar[bool] = False
+
+    def plan_for(self, config: DiTCacheConfig) -> Any:
+        """Validate that a run with ``config`` can be served (``serves_requests`` engines only)."""
+        raise NotImplementedError
 
     def begin_run(self, run: RunState) -> None:
         """Called when a run starts, before the first transformer call."""

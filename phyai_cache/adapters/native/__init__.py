@@ -4,8 +4,9 @@ It serves every strategy whose declaration (phyai_cache/strategies/) carries a `
 today ``fbcache`` (first-block cache, Fn=1 Bn=0), ``dbcache`` (Fn front blocks decide, Bn back
 blocks always run), both optionally with a TaylorSeer forecaster (``taylorseer_order``), and
 ``taylorseer`` (scheduled: compute every ``cache_interval``-th step or per ``compute_mask``,
-forecast between). See :mod:`.chain` for the mechanism, :mod:`.policy` for what is reused, and
-phyai_cache/decision.py for the decision.
+forecast between). It is also the engine that serves requests with their own configs and
+step-level batches with per-row decisions (docs/serving.md). See :mod:`.chain` for the mechanism,
+:mod:`.policy` for what is reused, and phyai_cache/decision.py for the decision.
 """
 
 from __future__ import annotations
@@ -13,29 +14,25 @@ from __future__ import annotations
 from typing import Any
 
 from ..._version import __version__
-from ...blocks import BlocksArg, check_block_counts, discover_blocks
+from ...blocks import BlockList, BlocksArg, discover_blocks
 from ...config import DiTCacheConfig
-from ...decision import StepRules
-from ...errors import BackendUnavailableError, DiTCacheConfigError
 from ...runtime import CacheTarget, CallSource
-from ...strategies import NativeMethod, StrategySpec, get_strategy
+from ...strategies import StrategySpec
 from ..base import Backend, Installation, Plan, StrategySupport
-from .chain import ChainInstallation, ChainLayout
+from .chain import ChainInstallation, RunPlan, native_plan
 
 
 class NativePlan(Plan):
-    def __init__(self, layout: ChainLayout, config: DiTCacheConfig, method: NativeMethod) -> None:
-        self.layout = layout
+    def __init__(self, lists: list[BlockList], config: DiTCacheConfig, plan: RunPlan) -> None:
+        self.lists = lists
         self.config = config
-        self.method = method
+        self.plan = plan
 
     def install(self, lifecycle: CallSource) -> Installation:
-        separate = self.config.separate_cfg is not False  # "auto" -> separate: always correct
-        return ChainInstallation(self.layout, StepRules(self.config), separate, self.method.measured, lifecycle,
-                                 forecast_order=self.config.taylorseer_order)
+        return ChainInstallation(self.lists, self.config, lifecycle)
 
     def describe(self) -> dict[str, Any]:
-        layout = self.layout
+        layout = self.plan.layout
         return {
             "blocks": len(layout),
             "front": layout.names[: layout.front_blocks],
@@ -55,17 +52,5 @@ class NativeBackend(Backend):
         return StrategySupport(spec.name, True)
 
     def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: BlocksArg = None) -> NativePlan:
-        if config.options:
-            name = next(iter(config.options))
-            raise DiTCacheConfigError(f"options.{name}", config.options[name], "no options: backend 'native' has none")
-        spec = get_strategy(config.strategy)
-        method = spec.native
-        if method is None:  # the registry never routes such a config here; a direct prepare() might
-            raise BackendUnavailableError(f"strategy {spec.name!r} is not available on backend 'native': "
-                                          f"{spec.why_not('native')}")
         lists = discover_blocks(target.transformer, blocks)
-        total = sum(len(block_list.blocks) for block_list in lists)
-        # Scheduled strategies decide without measuring: no front block, the whole chain is forecast.
-        front, back = (config.front_blocks, config.back_blocks) if method.measured else (0, 0)
-        check_block_counts(front, back, total)
-        return NativePlan(ChainLayout(lists, front, back), config, method)
+        return NativePlan(lists, config, native_plan(lists, config))

@@ -14,6 +14,12 @@ unchanged, in the block's own output format. Keeping one residual per segment, i
 the whole chain, keeps the model's own code between two block lists (for example a concatenation
 of text and image tokens) correct on cached steps.
 
+Step-level batches (serving): one transformer forward may carry rows of several runs (requests)
+and CFG branches, each with its own config. Every group of rows of one (run, branch) is decided on
+its own rows, with its own run's rules, and follows its own layout; at each block position only the
+groups that must run it are gathered, run, and scattered back, and the others take their cached
+residual. A forward of one run (no batch) is one group covering the whole batch and never gathers.
+
 Every block is patched at the instance level (``block.forward``); the decision runs in Python
 around the blocks, never inside them, so blocks can be compiled regionally.
 """
@@ -27,10 +33,22 @@ from typing import Any
 import torch
 
 from ..._patch import UndoStack
-from ...blocks import BlockIO, BlockList
-from ...decision import SharedDecisions, StepRules, cache_gap, cache_key, decide, relative_l1
+from ...blocks import BlockIO, BlockList, check_block_counts
+from ...config import DiTCacheConfig
+from ...decision import (
+    Decision,
+    SharedDecisions,
+    StepRules,
+    cache_gap,
+    cache_key,
+    decide,
+    record,
+    relative_l1,
+    relative_l1_groups,
+)
 from ...errors import CacheStateError
-from ...runtime import CallInfo, CallSource, RunState, RunStates
+from ...runtime import CallInfo, CallSource, RunState, RunStates, TransformerCall
+from ...strategies import get_strategy
 from ..base import Installation
 from .policy import BranchCache, ResidualHistory
 
@@ -76,10 +94,23 @@ class ChainLayout:
         return position in self.middle
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run needs from its config: its rules, the roles of the blocks, its method."""
+
+    enabled: bool
+    layout: ChainLayout
+    rules: StepRules | None = None
+    measured: bool = True
+    forecast_order: int | None = None
+    separate_cfg: bool = True
+
+
 @dataclass
 class NativeRunState:
-    """Per-run state: one cache per branch, and the shared decisions when CFG is not separate."""
+    """Per-run state: the run's plan, one cache per branch, and the shared CFG decisions."""
 
+    plan: RunPlan
     shared: SharedDecisions
     branches: dict[str, BranchCache] = field(default_factory=dict)
 
@@ -88,42 +119,99 @@ class NativeRunState:
 
 
 @dataclass
-class ChainCall:
-    """Working state of one transformer call while its blocks run."""
+class Group:
+    """The rows of one (run, branch) in one transformer forward, while its blocks run."""
 
-    cache: BranchCache
-    run: RunState
-    step: int
-    next_position: int = 0
-    skip: bool = False
+    call: CallInfo
+    state: NativeRunState
+    cache: BranchCache | None  # None when the run's cache is disabled
+    decision: Decision | None = None
+    skip: bool | None = None  # None until the decision is committed
     chain_input: torch.Tensor | None = None
     key: tuple | None = None
+    residual: torch.Tensor | None = None  # the front residual, kept as reference if computed
     segment_inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> ChainLayout:
+        return self.state.plan.layout
+
+    def rows(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        whole = self.call.rows == slice(None)
+        return tensor if tensor is None or whole else tensor[self.call.rows]
+
+    def runs_block(self, position: int) -> bool:
+        return not (self.skip and self.layout.is_middle(position))
+
+    @property
+    def refreshes(self) -> bool:
+        """Computes this step and keeps what it computes (a disabled run keeps nothing)."""
+        return self.skip is False and self.cache is not None
+
+
+@dataclass
+class Forward:
+    """The engine's working state for one transformer forward."""
+
+    groups: list[Group]
+    per_row: bool
+    batched: bool
+    next_position: int = 0
+    batch: int = 0
+    _indices: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+
+    def index_of(self, groups: list[Group], device: torch.device) -> torch.Tensor:
+        """The batch rows of ``groups`` as an index tensor (made once per distinct group set)."""
+        key = tuple(id(g) for g in groups)
+        index = self._indices.get(key)
+        if index is None:
+            rows = [r for g in groups for r in range(*g.call.rows.indices(self.batch))]
+            index = self._indices[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return index
+
+
+@dataclass
+class _Work:
+    """What the wrapper does with one block call: run it on all rows, on some, or on none."""
+
+    running: list[Group]
+    reused: Any = None  # the block's output when no row runs it
+    index: torch.Tensor | None = None  # the rows that run it when only some do
+    subset: tuple[tuple, dict] | None = None
+    inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 class ChainInstallation(Installation):
     """The native engine applied to one transformer."""
 
-    def __init__(self, layout: ChainLayout, rules: StepRules, separate_cfg: bool, measured: bool,
-                 lifecycle: CallSource, forecast_order: int | None = None) -> None:
-        self.layout = layout
-        self.rules = rules
-        self.separate_cfg = separate_cfg
-        self.measured = measured  # else: scheduled, decided when the chain starts
+    serves_requests = True
+
+    def __init__(self, lists: list[BlockList], config: DiTCacheConfig, lifecycle: CallSource) -> None:
+        self.lists = lists
         self.lifecycle = lifecycle
-        self.forecast_order = forecast_order
-        self.blocks_per_call = len(layout)
+        self._plans: dict[DiTCacheConfig, RunPlan] = {}
+        self.plan = self.plan_for(config)  # the handle's own config, checked at prepare time
+        self.layout = self.plan.layout
+        self.blocks_per_call = len(self.layout)
         self.runs: RunStates[NativeRunState] = RunStates()
         self._undo = UndoStack()
         try:
-            for position, module in enumerate(layout.modules):
-                self._undo.patch(module, "forward", self._wrap(position, module.forward, layout.io[position]))
+            for position, module in enumerate(self.layout.modules):
+                self._undo.patch(module, "forward", self._wrap(position, module.forward, self.layout.io[position]))
         except BaseException:
             self.remove()
             raise
 
+    def plan_for(self, config: DiTCacheConfig) -> RunPlan:
+        """The plan of a run with ``config``; raises a clear error if the engine cannot run it here."""
+        plan = self._plans.get(config)
+        if plan is None:
+            plan = self._plans[config] = native_plan(self.lists, config)
+        return plan
+
     def begin_run(self, run: RunState) -> None:
-        self.runs.open(run, NativeRunState(SharedDecisions(enabled=not self.separate_cfg)))
+        plan = self.plan_for(run.config)
+        self.runs.open(run, NativeRunState(plan, SharedDecisions(enabled=not plan.separate_cfg)))
 
     def end_run(self, run: RunState) -> None:
         self.runs.close(run)
@@ -138,127 +226,265 @@ class ChainInstallation(Installation):
         after = torch.compiler.disable(functools.partial(self._after, position, io))
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            reused = before(args, kwargs)
-            if reused is not _COMPUTE:
-                return reused
-            output = original(*args, **kwargs)
-            after(output)
-            return output
+            work = before(args, kwargs)
+            if work is None:  # outside a run
+                return original(*args, **kwargs)
+            if not work.running:
+                return work.reused
+            if work.subset is None:
+                return after(work, original(*args, **kwargs))
+            return after(work, original(*work.subset[0], **work.subset[1]))
 
         # The decision stays in Python: under regional compilation (block.compile() or
         # torch.compile(block)) dynamo skips this wrapper and the two bookkeeping steps and traces
         # only the block's own forward.
         return torch.compiler.disable(forward, recursive=False)
 
-    def _before(self, position: int, io: BlockIO, args: tuple, kwargs: dict) -> Any:
-        """Bookkeeping before a block runs; returns its cached output, or _COMPUTE to run it."""
-        call = self.lifecycle.current_call()
-        if call is None:
-            return _COMPUTE
-        state = self._advance(call, position)
-        if state.skip and self.layout.is_middle(position):
-            return self._reuse(position, io, args, kwargs, state)
+    def _before(self, position: int, io: BlockIO, args: tuple, kwargs: dict) -> _Work | None:
+        """Bookkeeping before a block runs: which groups run it, and the output of those that do not."""
+        forward = self._advance(position)
+        if forward is None:
+            return None
+        hidden, encoder = io.hidden_in(args, kwargs), io.encoder_in(args, kwargs)
         if position == 0:
-            state.chain_input = io.hidden_in(args, kwargs)
-            state.key = cache_key(state.chain_input, io.encoder_in(args, kwargs))
-            if not self.measured:
-                state.skip = self._decide(call, state, None)
-                if state.skip:
-                    return self._reuse(position, io, args, kwargs, state)
-        segment = self.layout.segment_start.get(position)
-        if segment is not None:
-            state.segment_inputs[segment] = (io.hidden_in(args, kwargs), io.encoder_in(args, kwargs))
-        return _COMPUTE
+            self._start(forward, hidden, encoder)
+        running = [g for g in forward.groups if g.runs_block(position)]
+        for group in running:
+            segment = group.layout.segment_start.get(position)
+            if segment is not None and group.refreshes:
+                group.segment_inputs[segment] = (group.rows(hidden), group.rows(encoder))
+        if len(running) == len(forward.groups):
+            return _Work(running)
+        if not running:
+            return _Work(running, reused=self._reused_output(position, io, forward, hidden, encoder))
+        index = forward.index_of(running, hidden.device)
+        return _Work(running, index=index, subset=io.select_rows(args, kwargs, index, forward.batch),
+                     inputs=(hidden, encoder))
 
-    def _after(self, position: int, io: BlockIO, output: Any) -> None:
-        """Bookkeeping after a block ran: count it, decide after the front blocks, store residuals."""
-        call = self.lifecycle.current_call()
-        if call is None:
-            return
-        state: ChainCall = call.scratch
-        call.blocks_computed += 1
+    def _after(self, position: int, io: BlockIO, work: _Work, output: Any) -> Any:
+        """Bookkeeping after a block ran: merge partial rows, count, decide, store residuals."""
+        forward: Forward = self.lifecycle.current_forward().scratch
         io.observe(output)
-        if position == self.layout.decider:
-            state.skip = self._decide(call, state, io.split(output)[0])
-        segment = self.layout.segment_end.get(position)
-        if segment is not None:
-            self._store_residual(segment, io, output, state)
+        if work.subset is not None:
+            output = self._merged_output(position, io, forward, work, output)
+        for group in work.running:
+            group.call.blocks_computed += 1
+        deciding = [g for g in forward.groups if g.decision is None and g.layout.decider == position]
+        if deciding:
+            self._decide_measured(forward, deciding, io.split(output)[0])
+        for group in forward.groups:
+            segment = group.layout.segment_end.get(position)
+            if segment is not None and group.refreshes:
+                self._store_residual(group, segment, io, output)
+        return output
 
-    def _advance(self, call: CallInfo, position: int) -> ChainCall:
-        state: ChainCall | None = call.scratch
-        if position == 0 and state is None:
-            state = call.scratch = ChainCall(self._branch_cache(call), call.run, call.step)
-        elif state is None or state.next_position != position:
-            expected = 0 if state is None else state.next_position
+    def _advance(self, position: int) -> Forward | None:
+        current = self.lifecycle.current_forward()
+        if current is None:
+            return None
+        forward: Forward | None = current.scratch
+        if position == 0 and forward is None:
+            forward = current.scratch = self._new_forward(current)
+        elif forward is None or forward.next_position != position:
+            expected = 0 if forward is None else forward.next_position
             raise CacheStateError(
                 f"transformer blocks ran out of order: {self.layout.names[position]} was called where "
                 f"{self.layout.names[expected] if expected < len(self.layout) else 'the end of the chain'} "
                 "was expected. The cache needs every block list to run once per call, in the order of the "
                 "block spec; pass blocks=[...] in execution order"
             )
-        state.next_position = position + 1
-        return state
+        forward.next_position = position + 1
+        return forward
 
-    def _branch_cache(self, call: CallInfo) -> BranchCache:
-        return self.runs[call.run].branches.setdefault(call.branch, BranchCache())
+    def _new_forward(self, current: TransformerCall) -> Forward:
+        groups = []
+        for call in current.calls:
+            state = self.runs[call.run]
+            cache = state.branches.setdefault(call.branch, BranchCache()) if state.plan.enabled else None
+            groups.append(Group(call, state, cache))
+        return Forward(groups, per_row=current.per_row, batched=current.batched)
+
+    def _start(self, forward: Forward, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        """At the first block: check the rows, key every group, decide the groups that need no block."""
+        forward.batch = hidden.shape[0]
+        if forward.batched:
+            covered = sum(len(range(*g.call.rows.indices(forward.batch))) for g in forward.groups)
+            if forward.groups[-1].call.rows.stop != forward.batch or covered != forward.batch:
+                raise CacheStateError(
+                    f"the batch rows describe {forward.groups[-1].call.rows.stop} rows but the transformer's blocks "
+                    f"got a batch of {forward.batch}; describe every row of the batch, in order")
+            if not forward.per_row:
+                _check_one_layout(forward.groups)
+        for group in forward.groups:
+            group.chain_input = group.rows(hidden)
+            group.key = cache_key(group.chain_input, group.rows(encoder))
+            if not group.state.plan.enabled:
+                self._commit(group, Decision(False, "disabled"))
+        scheduled = [g for g in forward.groups if g.decision is None and not g.state.plan.measured]
+        for group in scheduled:
+            self._take(forward, group, measure=None)
+        self._finish_batch_decision(forward)
 
     # -- decision -------------------------------------------------------------------------------
 
-    def _decide(self, call: CallInfo, state: ChainCall, front_output: torch.Tensor | None) -> bool:
-        """Take this call's decision (after the front blocks, or at the chain start if scheduled)."""
-        residual = self._front_residual(state, front_output) if self.measured else None
-        cache = state.cache
-        measure = (lambda: relative_l1(residual, cache.decision_residual)) if self.measured else None
-        decision = decide(call.step, call.branch, self.rules, cache, self.runs[call.run].shared, state.key,
-                          gap=cache_gap(state.key, cache.key, cache.has_cache(self.layout.num_segments, self.measured)),
-                          measure=measure)
-        call.take(decision)
-        if not decision.cached:
-            cache.decision_residual = residual
-        return decision.cached
+    def _decide_measured(self, forward: Forward, groups: list[Group], front_hidden: torch.Tensor) -> None:
+        """Decide ``groups`` after their front blocks, measuring all of them with one host sync."""
+        for group in groups:
+            group.residual = self._front_residual(group, group.rows(front_hidden))
+        measurable = [g for g in groups if g.cache.decision_residual is not None and g.cache.key == g.key]
+        values: dict[int, float] = {}
 
-    def _front_residual(self, state: ChainCall, front_output: torch.Tensor) -> torch.Tensor:
-        if front_output.shape != state.chain_input.shape:
+        def measure(group: Group) -> float:
+            if len(groups) == 1:  # one group: the plain statistic (bit-for-bit the solo figure)
+                return relative_l1(group.residual, group.cache.decision_residual)
+            if not values:
+                stats = relative_l1_groups(torch.cat([g.residual for g in measurable]),
+                                           torch.cat([g.cache.decision_residual for g in measurable]),
+                                           [g.residual.shape[0] for g in measurable])
+                values.update({id(g): v for g, v in zip(measurable, stats)})
+            return values[id(group)]
+
+        for group in groups:
+            self._take(forward, group, measure=functools.partial(measure, group))
+        self._finish_batch_decision(forward)
+
+    def _take(self, forward: Forward, group: Group, measure: Any) -> None:
+        """Decide one group; per-row batches commit at once, per-batch ones when all have decided."""
+        plan, cache, call = group.state.plan, group.cache, group.call
+        gap = cache_gap(group.key, cache.key, cache.has_cache(plan.layout.num_segments, plan.measured))
+        decision = decide(call.step, call.branch, plan.rules, cache, group.state.shared, group.key, gap=gap,
+                          measure=measure, commit=False)
+        if forward.per_row:
+            self._commit(group, decision)
+        else:
+            group.decision = decision
+
+    def _finish_batch_decision(self, forward: Forward) -> None:
+        """Per-batch decisions (what peers do): the batch caches only if every group would."""
+        if forward.per_row or any(g.decision is None for g in forward.groups):
+            return
+        if any(g.skip is not None for g in forward.groups if g.state.plan.enabled):
+            return  # already committed
+        everyone = all(g.decision.cached for g in forward.groups)
+        for group in forward.groups:
+            if group.state.plan.enabled:
+                self._commit(group, group.decision if everyone else group.decision.overruled("batch_computes"))
+
+    def _commit(self, group: Group, decision: Decision) -> None:
+        group.decision, group.skip = decision, decision.cached
+        group.call.take(decision)
+        if group.cache is None:
+            return
+        call = group.call
+        record(decision, call.step, call.branch, group.cache, group.state.shared, group.key)
+        if not decision.cached and group.state.plan.measured:
+            group.cache.decision_residual = group.residual
+
+    def _front_residual(self, group: Group, front_output: torch.Tensor) -> torch.Tensor:
+        if front_output.shape != group.chain_input.shape:
             raise CacheStateError(
-                f"the front blocks change the hidden-state shape ({tuple(state.chain_input.shape)} -> "
+                f"the front blocks change the hidden-state shape ({tuple(group.chain_input.shape)} -> "
                 f"{tuple(front_output.shape)}); use fewer front_blocks so the decision residual is defined"
             )
-        return front_output - state.chain_input
+        return front_output - group.chain_input
 
-    # -- reuse and store ------------------------------------------------------------------------
+    # -- reuse, merge and store -----------------------------------------------------------------
 
-    def _reuse(self, position: int, io: BlockIO, args: tuple, kwargs: dict, state: ChainCall) -> Any:
-        hidden, encoder = io.hidden_in(args, kwargs), io.encoder_in(args, kwargs)
-        segment = self.layout.segment_start.get(position)
+    def _reused_rows(self, position: int, group: Group, hidden: torch.Tensor, encoder: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A skipping group's rows after a middle block: its input, plus the residual at a segment start."""
+        segment = group.layout.segment_start.get(position)
         if segment is not None:
-            hidden_history, encoder_history = state.cache.segments[segment]
-            hidden = hidden + hidden_history.predict(state.step)
+            hidden_history, encoder_history = group.cache.segments[segment]
+            hidden = hidden + hidden_history.predict(group.call.step)
             if encoder_history is not None and encoder is not None:
-                encoder = encoder + encoder_history.predict(state.step)
-        return io.make_output(hidden, encoder)
+                encoder = encoder + encoder_history.predict(group.call.step)
+        return hidden, encoder
 
-    def _store_residual(self, segment: int, io: BlockIO, output: Any, state: ChainCall) -> None:
+    def _reused_output(self, position: int, io: BlockIO, forward: Forward, hidden: torch.Tensor,
+                       encoder: torch.Tensor | None) -> Any:
+        if len(forward.groups) == 1:
+            return io.make_output(*self._reused_rows(position, forward.groups[0], hidden, encoder))
+        pieces = [self._reused_rows(position, g, g.rows(hidden), g.rows(encoder)) for g in forward.groups]
+        return io.make_output(*_concat(pieces))
+
+    def _merged_output(self, position: int, io: BlockIO, forward: Forward, work: _Work, output: Any) -> Any:
+        """The whole batch's output from the running groups' rows and the skipping groups' reuse."""
+        computed_hidden, computed_encoder = io.split(output)
+        hidden, encoder = work.inputs
+        pieces, offset = [], 0
+        running = {id(g) for g in work.running}
+        for group in forward.groups:
+            if id(group) in running:
+                size = group.chain_input.shape[0]
+                part_encoder = computed_encoder[offset:offset + size] if computed_encoder is not None else None
+                pieces.append((computed_hidden[offset:offset + size], part_encoder))
+                offset += size
+            else:
+                pieces.append(self._reused_rows(position, group, group.rows(hidden), group.rows(encoder)))
+        return io.make_output(*_concat(pieces))
+
+    def _store_residual(self, group: Group, segment: int, io: BlockIO, output: Any) -> None:
         hidden_out, encoder_out = io.split(output)
-        hidden_in, encoder_in = state.segment_inputs.pop(segment)
+        hidden_out, encoder_out = group.rows(hidden_out), group.rows(encoder_out)
+        hidden_in, encoder_in = group.segment_inputs.pop(segment)
         if hidden_out.shape != hidden_in.shape:
             raise CacheStateError(
-                f"blocks up to {self.layout.names[self._segment_end_position(segment)]} change the hidden-state "
-                "shape inside one block list; such a list cannot be skipped as a whole"
+                f"blocks up to {self.layout.names[_segment_end_position(group.layout, segment)]} change the "
+                "hidden-state shape inside one block list; such a list cannot be skipped as a whole"
             )
-        step = state.step
+        order = group.state.plan.forecast_order
         has_encoder = encoder_out is not None and encoder_in is not None
-        histories = state.cache.segments.get(segment)
+        histories = group.cache.segments.get(segment)
         if histories is None:
-            histories = (ResidualHistory(self.forecast_order),
-                         ResidualHistory(self.forecast_order) if has_encoder else None)
-            state.cache.segments[segment] = histories
-        histories[0].update(step, hidden_out - hidden_in)
+            histories = (ResidualHistory(order), ResidualHistory(order) if has_encoder else None)
+            group.cache.segments[segment] = histories
+        histories[0].update(group.call.step, hidden_out - hidden_in)
         if has_encoder and histories[1] is not None:
-            histories[1].update(step, encoder_out - encoder_in)
-        state.run.note_cache_bytes(self.runs[state.run].nbytes())
-
-    def _segment_end_position(self, segment: int) -> int:
-        return next(p for p, s in self.layout.segment_end.items() if s == segment)
+            histories[1].update(group.call.step, encoder_out - encoder_in)
+        group.call.run.note_cache_bytes(group.state.nbytes())
 
 
-_COMPUTE = object()  # sentinel: the block must run
+def native_plan(lists: list[BlockList], config: DiTCacheConfig) -> RunPlan:
+    """How the native engine runs ``config`` on a model with these block lists; raises a clear
+    error naming the field when it cannot (the handle's config, a request's or an override's)."""
+    from ...errors import BackendUnavailableError, DiTCacheConfigError
+
+    total = sum(len(block_list.blocks) for block_list in lists)
+    if not config.enabled:
+        return RunPlan(enabled=False, layout=ChainLayout(lists, 0, 0))
+    if config.backend not in ("auto", "native"):
+        raise DiTCacheConfigError("backend", config.backend, "'native' or 'auto' for a run on the native engine",
+                                  hint="requests, step-level batches and per-call overrides are served by the native "
+                                       "engine the cache was enabled with")
+    spec = get_strategy(config.strategy)
+    if spec.native is None:
+        raise BackendUnavailableError(f"strategy {spec.name!r} is not available on backend 'native': "
+                                      f"{spec.why_not('native')}")
+    if config.options:
+        name = next(iter(config.options))
+        raise DiTCacheConfigError(f"options.{name}", config.options[name], "no options: backend 'native' has none")
+    # Scheduled strategies decide without measuring: no front block, the whole chain is forecast.
+    front, back = (config.front_blocks, config.back_blocks) if spec.native.measured else (0, 0)
+    check_block_counts(front, back, total)
+    return RunPlan(enabled=True, layout=ChainLayout(lists, front, back), rules=StepRules(config),
+                   measured=spec.native.measured, forecast_order=config.taylorseer_order,
+                   separate_cfg=config.separate_cfg is not False)  # "auto" -> separate: always correct
+
+
+def _check_one_layout(groups: list[Group]) -> None:
+    layouts = {(g.layout.front_blocks, g.layout.back_blocks) for g in groups if g.state.plan.enabled}
+    if len(layouts) > 1:
+        raise CacheStateError(
+            f"per-batch decisions need every cached request of a batch to use the same front/back blocks "
+            f"(got {sorted(layouts)}); use per-row decisions or batch such requests separately")
+
+
+def _concat(pieces: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = torch.cat([h for h, _ in pieces])
+    encoders = [e for _, e in pieces]
+    return hidden, (torch.cat(encoders) if all(e is not None for e in encoders) else None)
+
+
+def _segment_end_position(layout: ChainLayout, segment: int) -> int:
+    return next(p for p, s in layout.segment_end.items() if s == segment)
