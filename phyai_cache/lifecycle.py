@@ -31,6 +31,7 @@ import torch
 
 from ._patch import ClassSwap, InstancePatch
 from .errors import CacheStateError, DiTCacheConfigError
+from .graphs import refuse_capture
 from .stats import RunClock, RunStats, StepRecord
 
 if TYPE_CHECKING:
@@ -195,6 +196,7 @@ class Lifecycle:
                 "pipeline or transformer cannot serve two generations at once (use one instance per thread)"
             )
         assert self.installation is not None
+        refuse_capture("a cached run (%s/%s) was started", self.backend, self.config.strategy)
         stats = RunStats(backend=self.backend, strategy=self.config.strategy, num_inference_steps=num_inference_steps)
         run = RunState(stats, _device_of(self.target.transformer))
         self.run_state = run
@@ -234,6 +236,7 @@ class Lifecycle:
                 if run is None:
                     self._warn_outside_run()
                 return original(*args, **kwargs)
+            refuse_capture("the cached transformer (%s/%s) was called", self.backend, self.config.strategy)
             call = run.begin_call(self._branch_for_call(run, kwargs), args, kwargs)
             raised = True
             try:

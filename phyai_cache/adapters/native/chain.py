@@ -29,6 +29,7 @@ import torch
 from ..._patch import InstancePatch
 from ...blocks import BlockIO, BlockList
 from ...errors import CacheStateError
+from ...graphs import refuse_capture
 from ...lifecycle import CallInfo, Lifecycle, RunState
 from ..base import Installation
 from ...schedule import CACHED
@@ -155,6 +156,7 @@ class ChainInstallation(Installation):
         call = self.lifecycle.current_call()
         if call is None:
             return _COMPUTE
+        refuse_capture("cached block %s was called", self.layout.names[position])
         state = self._advance(call, position)
         if state.skip and self.layout.is_middle(position):
             return self._reuse(position, io, args, kwargs, state)
