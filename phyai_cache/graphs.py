@@ -15,6 +15,8 @@ per region (front blocks, middle, back blocks) with the decision kept on the hos
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .errors import GraphCaptureError
@@ -48,3 +50,37 @@ def refuse_capture(where: str, *args: object) -> None:
             f"engine that captures per region keeps the decision between its graphs: see {GUIDE}"
         )
 
+
+def cached_tensors(handle: Any) -> dict[str, torch.Tensor]:
+    """The tensors the cache of ``handle`` holds right now, by path; empty outside a run.
+
+    These are what an engine capturing per region would keep in static slots (see GUIDE): for the
+    native engine, per branch, the decision residual and each segment's residual (with TaylorSeer,
+    its factors). Found by walking the run's backend state, so the paths follow the engine's own
+    attribute names; modules are not entered (they hold weights, not cache).
+    """
+    lifecycle = getattr(handle, "_lifecycle", None)
+    run = lifecycle.run_state if lifecycle is not None else None
+    found: dict[str, torch.Tensor] = {}
+    if run is not None:
+        _collect(run.backend_state, "state", found, set())
+    return found
+
+
+def _collect(obj: Any, path: str, found: dict[str, torch.Tensor], seen: set[int]) -> None:
+    if isinstance(obj, torch.Tensor):
+        found[path] = obj
+        return
+    if obj is None or isinstance(obj, (str, bytes, int, float, bool, torch.nn.Module)) or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        children = ((f"{path}[{key!r}]", value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        children = ((f"{path}[{index}]", value) for index, value in enumerate(obj))
+    elif hasattr(obj, "__dict__"):
+        children = ((f"{path}.{name}", value) for name, value in vars(obj).items())
+    else:
+        return
+    for child_path, child in children:
+        _collect(child, child_path, found, seen)

@@ -1,7 +1,9 @@
-"""CUDA graphs: a cached call refuses to run under stream capture.
+"""CUDA graphs: a cached call refuses to run under stream capture; what a capturing engine relies on.
 
 CUDA stream capture cannot exist on a CPU-only machine, so the guard is tested with the capture
-query patched (:class:`FakeCapture`).
+query patched (:class:`FakeCapture`); the real capture is exercised by benchmarks/gpu_validate.py on
+a GPU. Host syncs are counted by the aten ops torch executes (phyai_cache.testing.syncs), not by
+the names of our functions, so the counts survive refactors of the decision code.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from combos import served_combinations, settings_for
 from counting import count_block_executions
 
 from phyai_cache import GraphCaptureError, PhyaiCacheError, enable_dit_cache
+from phyai_cache.graphs import cached_tensors
+from phyai_cache.testing.syncs import HostSyncCounter
 from phyai_cache.testing.toy import build_toy_dit, denoise
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
 
 GUARDED = [combo for combo in served_combinations() if combo[1] == "fbcache"]  # one strategy per backend
+MEASURED = {
+    "fbcache": dict(strategy="fbcache", threshold=0.5, warmup_steps=1),
+    "dbcache": dict(strategy="dbcache", threshold=0.5, warmup_steps=1, front_blocks=1, back_blocks=1),
+}
+SCHEDULED = {"taylorseer": dict(strategy="taylorseer", warmup_steps=1, cache_interval=2, taylorseer_order=1)}
 
 
 class FakeCapture:
@@ -115,3 +124,56 @@ def test_the_guard_does_not_query_cuda_when_it_was_never_initialised(flux, monke
     flux.run(num_inference_steps=3, cfg=True)
     assert handle.last_run.completed
 
+
+# -- what a capturing engine relies on ----------------------------------------------------------
+
+
+def _per_call_syncs(flux, settings: dict | None) -> tuple[list[int], list]:
+    handle = enable_dit_cache(flux.pipe, enabled=True, **settings) if settings else None
+    with HostSyncCounter(flux.transformer) as syncs:
+        flux.run(num_inference_steps=6, cfg=True)
+    records = handle.last_run.records if handle else []
+    if handle:
+        handle.disable()
+    return syncs.per_call, records
+
+
+@pytest.mark.parametrize("name", [*MEASURED, *SCHEDULED])
+def test_host_syncs_per_transformer_call(flux, name):
+    """A measured decision costs at most one host sync per transformer call, and only when it is
+    measured; a scheduled strategy decides on the host without reading the device at all."""
+    baseline, _ = _per_call_syncs(flux, None)  # the model's own syncs, if any
+    counts, records = _per_call_syncs(flux, {**MEASURED, **SCHEDULED}[name])
+    assert len(counts) == len(baseline) == len(records) == 12  # 6 steps x cond/uncond
+    extra = [cached - plain for cached, plain in zip(counts, baseline)]
+    for record, syncs in zip(records, extra):
+        measured = record.diff is not None
+        assert syncs <= (1 if measured else 0), (record, syncs)
+    if name in MEASURED:
+        assert sum(extra) >= 1, "the counter must see the measured decision's sync"
+    else:
+        assert sum(extra) == 0
+
+
+def _slot_shapes(handle) -> dict[str, tuple]:
+    return {path: (tuple(t.shape), t.dtype) for path, t in cached_tensors(handle).items()}
+
+
+@pytest.mark.parametrize("name", [*MEASURED, *SCHEDULED])
+def test_cached_tensors_keep_their_shapes_across_steps(flux, name):
+    """Static slots are possible: each cached tensor has one shape and dtype for the whole run, and
+    the set of tensors stops growing (no per-step allocation under new names)."""
+    handle = enable_dit_cache(flux.pipe, enabled=True, **{**MEASURED, **SCHEDULED}[name])
+    snapshots: list[dict[str, tuple]] = []
+    flux.transformer.register_forward_hook(lambda *_: snapshots.append(_slot_shapes(handle)))
+    flux.run(num_inference_steps=8, cfg=True)
+    assert handle.last_run.steps_cached > 0 and len(snapshots) == 16
+    assert cached_tensors(handle) == {}  # outside a run the cache holds nothing
+    seen: dict[str, tuple] = {}
+    for snapshot in snapshots:
+        assert set(seen) <= set(snapshot), "a cached tensor disappeared within the run"
+        for path, shape in snapshot.items():
+            assert seen.setdefault(path, shape) == shape, (path, seen[path], shape)
+    half = len(snapshots) // 2
+    assert all(set(s) == set(snapshots[-1]) for s in snapshots[half:]), "the cache kept growing"
+    assert any("cond" in path for path in seen) and any("uncond" in path for path in seen)
