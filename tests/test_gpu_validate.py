@@ -87,3 +87,10 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(gpu_validate, tm
     sections = _report(tmp_path)["sections"]
     assert sections["host_syncs"]["status"] == "error" and "RuntimeError: boom" in sections["host_syncs"]["error"]
     assert sections["memory"]["status"] == "ok" and sections["compiled_large"]["status"] == "skipped"
+
+
+def test_every_section_is_documented(gpu_validate):
+    text = (ROOT / "docs" / "gpu.md").read_text()
+    for name in gpu_validate.SECTIONS:
+        assert name == "environment" or f"`{name}`" in text, name
+    assert "docs/gpu.md" in (ROOT / "README.md").read_text()
