@@ -196,17 +196,22 @@ def load_reference(ctx: Context) -> Any:
     return load_pipeline(dtype=ctx.reference_dtype, device=ctx.device)
 
 
-def reference_runner(ctx: Context, pipe: Any) -> Callable[[], torch.Tensor]:
-    """One generation of ``batch`` digits (held-out calibration seed): images in [0, 1]."""
-    from phyai_cache.reference import call_kwargs, latents_to_images
+def reference_kwargs(ctx: Context) -> dict[str, Any]:
+    """One generation's pipeline arguments: ``batch`` digits, the held-out seed, a fresh generator."""
+    from phyai_cache.reference import call_kwargs
 
     labels = [index % 10 for index in range(ctx.sizes.batch)]
+    return call_kwargs(labels, num_inference_steps=ctx.sizes.steps, seed=ctx.args.seed,
+                       dtype=ctx.reference_dtype, device=ctx.device)
+
+
+def reference_runner(ctx: Context, pipe: Any) -> Callable[[], torch.Tensor]:
+    """One generation of the reference pipeline: images in [0, 1]."""
+    from phyai_cache.reference import latents_to_images
 
     @torch.no_grad()
     def run() -> torch.Tensor:
-        kwargs = call_kwargs(labels, num_inference_steps=ctx.sizes.steps, seed=ctx.args.seed,
-                             dtype=ctx.reference_dtype, device=ctx.device)
-        return latents_to_images(pipe(**kwargs).images)
+        return latents_to_images(pipe(**reference_kwargs(ctx)).images)
 
     return run
 
@@ -436,32 +441,39 @@ def git_commit() -> str | None:
 
 
 def guard(ctx: Context) -> dict[str, Any]:
+    """Each part is checked as soon as it ran, so a later failure cannot hide an earlier finding.
+    Every argument is on the device before capture starts: a host-to-device copy inside the capture
+    would fail before the guard is reached."""
     pipe = load_reference(ctx)
-    run = reference_runner(ctx, pipe)
-    transformer_kwargs = first_transformer_kwargs(pipe, run)
-    handle = enable_dit_cache(pipe, "fbcache-balanced", backend="native")
-    try:
+    transformer_kwargs = first_transformer_kwargs(pipe, reference_runner(ctx, pipe))
+    pipeline_kwargs = reference_kwargs(ctx)
+    result: dict[str, Any] = {"simulated_capture": not ctx.cuda}
+    with enable_dit_cache(pipe, "fbcache-balanced", backend="native") as handle:
         with handle.run():
-            in_run = refused_under_capture(ctx, lambda: pipe.transformer(**transformer_kwargs))
-        whole_call = refused_under_capture(ctx, run)
-        outside = uncached_capture(ctx, pipe.transformer, transformer_kwargs)  # cache enabled, no run
-    finally:
-        handle.disable()
-    ctx.check("guard: cached transformer call captured inside a run is refused", in_run["refused"], in_run["message"])
-    ctx.check("guard: cached pipeline call captured whole is refused", whole_call["refused"], whole_call["message"])
+            in_run = result["transformer_call_in_run"] = refused_under_capture(
+                ctx, lambda: pipe.transformer(**transformer_kwargs))
+        ctx.check("guard: cached transformer call captured inside a run is refused", in_run["refused"],
+                  in_run["message"])
+        whole = result["pipeline_call"] = refused_under_capture(ctx, lambda: pipe(**pipeline_kwargs))
+        ctx.check("guard: cached pipeline call captured whole is refused", whole["refused"], whole["message"])
+        outside = result["uncached_outside_run"] = uncached_capture(ctx, pipe.transformer, transformer_kwargs)
     ctx.check("guard: a call outside a run is captured and replays like eager", outside["psnr_db"] >= MATCH_DB,
-              f"PSNR {outside['psnr_db']:.1f} dB against eager, captured={outside['captured']}")
-    return {"simulated_capture": not ctx.cuda, "transformer_call_in_run": in_run, "pipeline_call": whole_call,
-            "uncached_outside_run": outside}
+              f"PSNR {outside['psnr_db']:.1f} dB against eager, captured={outside['captured']} {outside['error']}")
+    return result
 
 
 @torch.no_grad()
 def uncached_capture(ctx: Context, transformer: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The cached transformer called outside a run (uncached) under capture: allowed, and the replay
+    must equal eager. An error (say, a model that is not capturable) is recorded, not raised."""
     eager = transformer(**kwargs)[0]
     graphed = GraphedForward(transformer.forward, capture=ctx.cuda)
-    first, second = graphed(**kwargs)[0], graphed(**kwargs)[0]
+    try:
+        first, second = graphed(**kwargs)[0], graphed(**kwargs)[0]
+    except Exception as error:  # noqa: BLE001 - recorded as the finding
+        return {"captured": False, "replays": 0, "psnr_db": -math.inf, "error": f"{type(error).__name__}: {error}"}
     return {"captured": graphed.graph is not None, "replays": graphed.replays,
-            "psnr_db": min(psnr_db(first, eager), psnr_db(second, eager))}
+            "psnr_db": min(psnr_db(first, eager), psnr_db(second, eager)), "error": ""}
 
 
 def host_syncs(ctx: Context) -> dict[str, Any]:
@@ -835,7 +847,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 ROW_FIELDS = ("speedup", "baseline_ms", "candidate_ms", "steps_cached", "steps_total", "ideal_speedup", "psnr_db",
               "psnr_vs_eager_db", "decisions_equal_eager", "peak_memory_bytes", "memory_kind", "cache_bytes",
-              "max_extra_per_call", "extra_total", "sync_debug_extra_per_call", "refused", "captured", "message")
+              "max_extra_per_call", "extra_total", "sync_debug_extra_per_call", "refused", "captured", "message",
+              "error")
 
 
 def _tables(result: dict[str, Any], title: str = "") -> list[str]:
@@ -848,7 +861,8 @@ def _tables(result: dict[str, Any], title: str = "") -> list[str]:
     if rows:
         fields = [f for f in ROW_FIELDS if any(f in row for row in rows.values())]
         lines += ["", "| config | " + " | ".join(fields) + " |", "|---" * (len(fields) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(_fmt(row.get(f, "")) for f in fields) + " |" for name, row in rows.items()]
+        for name, row in rows.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(f, "")) for f in fields) + " |")
     for key, value in nested.items():
         lines += [""] + _tables(value, f"{title} / {key}".strip(" /"))
     return lines
