@@ -54,6 +54,14 @@ def did_you_mean(word: Any, choices: Sequence[str]) -> str:
     return f"did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
+class GraphCaptureError(CacheStateError):
+    """A cached model was called while a CUDA stream was being captured into a graph.
+
+    A captured graph replays the kernels of the path taken at capture time, so a cache decision made
+    in Python during capture would be frozen into every replay. See :mod:`phyai_cache.graphs`.
+    """
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

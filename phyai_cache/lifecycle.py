@@ -34,6 +34,7 @@ from ._patch import ClassSwap, InstancePatch, UndoStack
 from .adapters.base import Installation
 from .config import DiTCacheConfig
 from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
+from .graphs import refuse_capture
 from .requests import Request, Row, RowLike, normalize_rows
 from .runtime import CacheTarget, CallInfo, RunState, TransformerCall
 from .stats import BatchStats, RunStats
@@ -141,7 +142,9 @@ class Lifecycle:
             )
         if self._batch is not None:
             raise CacheStateError("a pipeline call or handle.run() inside handle.batch(): batches carry requests only")
-        run = self._new_run(self._override or self.config, num_inference_steps)
+        config = self._override or self.config
+        refuse_capture("a cached run (%s/%s) was started", self.backend, config.strategy)
+        run = self._new_run(config, num_inference_steps)
         self.run_state = run
         completed = False
         try:
@@ -272,6 +275,7 @@ class Lifecycle:
             if run is None:
                 self._warn_outside_run()
                 return original(*args, **kwargs)
+            refuse_capture("the cached transformer (%s/%s) was called", self.backend, self.config.strategy)
             call = run.begin_call(self._branch_for_call(run, kwargs), args, kwargs)
             self._forward = TransformerCall([call])
             raised = True
@@ -287,6 +291,7 @@ class Lifecycle:
         return forward
 
     def _batched_forward(self, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        refuse_capture("the cached transformer (%s) was called in a step-level batch", self.backend)
         rows, per_row = self._batch
         runs = self._claim(rows, _batch_size(args, kwargs))
         calls, start = [], 0

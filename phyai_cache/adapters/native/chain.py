@@ -49,6 +49,7 @@ from ...decision import (
 from ...errors import CacheStateError
 from ...runtime import CallInfo, CallSource, RunState, RunStates, TransformerCall
 from ...strategies import get_strategy
+from ...graphs import refuse_capture
 from ..base import Installation
 from .policy import BranchCache, ResidualHistory
 
@@ -245,6 +246,7 @@ class ChainInstallation(Installation):
         forward = self._advance(position)
         if forward is None:
             return None
+        refuse_capture("cached block %s was called", self.layout.names[position])
         hidden, encoder = io.hidden_in(args, kwargs), io.encoder_in(args, kwargs)
         if position == 0:
             self._start(forward, hidden, encoder)
