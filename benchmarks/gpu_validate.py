@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))  # validate this checkout's phyai_cache, not which
 import phyai_cache  # noqa: E402
 from phyai_cache import GraphCaptureError, enable_dit_cache, list_presets  # noqa: E402
 from phyai_cache.config import preset_path  # noqa: E402
-from phyai_cache.quality import compare  # noqa: E402
+from phyai_cache.bench import psnr  # noqa: E402
 from phyai_cache.testing.syncs import HostSyncCounter  # noqa: E402
 
 STRATEGIES = ("fbcache", "dbcache", "taylorseer")
@@ -165,7 +165,9 @@ def paired(ctx: Context, baseline: Callable[[], Any], candidate: Callable[[], An
 
 
 def psnr_db(output: torch.Tensor, reference: torch.Tensor, data_range: float | None = None) -> float:
-    return compare(output.float().cpu(), reference.float().cpu(), data_range=data_range).psnr_db
+    reference = reference.float().cpu()
+    span = float(reference.max() - reference.min()) if data_range is None else data_range
+    return psnr(output.float().cpu(), reference, span or 1.0)
 
 
 def stats_row(stats: phyai_cache.RunStats) -> dict[str, Any]:
