@@ -124,6 +124,14 @@ class CacheHandle:
         return self._lifecycle.open_requests if self._lifecycle is not None else []
 
     @property
+    def cache_bytes(self) -> int | None:
+        """Tensor bytes the cache holds right now over every open run and request (0 when idle);
+        None where the backend does not track it (upstream backends)."""
+        if self._lifecycle is None or self._lifecycle.installation is None:
+            return 0
+        return self._lifecycle.installation.held_bytes()
+
+    @property
     def last_batch(self) -> BatchStats | None:
         """What the most recent step-level batch forward did."""
         return self._lifecycle.last_batch if self._lifecycle is not None else None

@@ -150,6 +150,9 @@ class RunStates(Generic[S]):
     def __len__(self) -> int:
         return len(self._states)
 
+    def values(self) -> list[S]:
+        return [state for _, state in self._states.values()]
+
 
 class CallSource(Protocol):
     """What an installation needs from the lifecycle that drives it."""

@@ -49,6 +49,10 @@ class Installation(ABC):
         """Validate that a run with ``config`` can be served (``serves_requests`` engines only)."""
         raise NotImplementedError
 
+    def held_bytes(self) -> int | None:
+        """Tensor bytes the cache holds right now over all open runs; None when not tracked."""
+        return None
+
     def begin_run(self, run: RunState) -> None:
         """Called when a run starts, before the first transformer call."""
 

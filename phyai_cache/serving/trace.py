@@ -18,12 +18,10 @@ TIERS: dict[str, str | None] = {
 def make_trace(num_requests: int, rate_per_s: float, seed: int = 0, steps: int = 20,
                cfg_scale: float | None = None, tiers: tuple[str, ...] = tuple(TIERS)) -> list[ServeRequest]:
     """``num_requests`` requests with exponential inter-arrival times at ``rate_per_s``, tiers drawn
-    uniformly from ``tiers``; the same arguments always give the same trace."""
-    if num_requests < 1 or rate_per_s <= 0:
-        raise ValueError("num_requests must be >= 1 and rate_per_s > 0")
-    unknown = [t for t in tiers if t not in TIERS]
-    if unknown:
-        raise ValueError(f"unknown tiers {unknown}; known: {', '.join(TIERS)}")
+    uniformly from ``tiers`` (names the engine's ``tier_configs`` know); the same arguments always
+    give the same trace."""
+    if num_requests < 1 or rate_per_s <= 0 or not tiers:
+        raise ValueError("num_requests must be >= 1, rate_per_s > 0 and tiers non-empty")
     rng = random.Random(seed)
     clock, trace = 0.0, []
     for index in range(num_requests):

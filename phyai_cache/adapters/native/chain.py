@@ -217,6 +217,9 @@ class ChainInstallation(Installation):
     def end_run(self, run: RunState) -> None:
         self.runs.close(run)
 
+    def held_bytes(self) -> int:
+        return sum(state.nbytes() for state in self.runs.values())
+
     def remove(self) -> None:
         self._undo.undo()
 
