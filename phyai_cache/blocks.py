@@ -78,7 +78,7 @@ class BlockIO:
                 module, spec.encoder_hidden_states_arg, spec.path, "encoder_hidden_states_arg"
             )
         self.path = spec.path
-        self.positional_names = _positional_names(module)
+        self.positional_names = _positional_names(module)  # of the class's forward, self excluded
         self.row_names = {*ROW_ARGUMENTS, *spec.row_args, self.hidden_name, self.encoder_name} - {None}
         self.shared_names = {*SHARED_ARGUMENTS, *spec.shared_args} - set(spec.row_args)
         self.hidden_index = spec.return_hidden_states_index

@@ -231,20 +231,10 @@ def _forward_pattern(block_list: BlockList) -> str:
                 "blocks", block_list.path, "blocks whose encoder hidden states are their second argument",
                 hint="cache-dit passes the encoder stream positionally; use backend 'native' for this model")
         return "Pattern_0" if io.hidden_index < io.encoder_index else "Pattern_1"
-    positional = _positional_parameters(block_list.blocks[0])
+    positional = io.positional_names
     if len(positional) > 1 and positional[1] == "encoder_hidden_states":
         return "Pattern_2"  # takes the encoder stream, returns hidden states only (e.g. Wan)
     return "Pattern_3"
-
-
-def _positional_parameters(block: torch.nn.Module) -> list[str]:
-    import inspect
-
-    try:
-        parameters = list(inspect.signature(type(block).forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _check_back_to_back(transformer: torch.nn.Module, lists: list[BlockList], patterns: list[str]) -> None:
