@@ -95,10 +95,14 @@ class ChainLayout:
         return position in self.middle
 
 
+_MAX_PLANS = 256  # distinct run configs whose plans are kept
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What one run needs from its config: its rules, the roles of the blocks, its method."""
 
+    config: DiTCacheConfig
     enabled: bool
     layout: ChainLayout
     rules: StepRules | None = None
@@ -207,6 +211,8 @@ class ChainInstallation(Installation):
         """The plan of a run with ``config``; raises a clear error if the engine cannot run it here."""
         plan = self._plans.get(config)
         if plan is None:
+            if len(self._plans) >= _MAX_PLANS:  # a server with ever-new per-request configs
+                self._plans = {self.plan.config: self.plan} if hasattr(self, "plan") else {}
             plan = self._plans[config] = native_plan(self.lists, config)
         return plan
 
@@ -457,7 +463,7 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig) -> RunPlan:
 
     total = sum(len(block_list.blocks) for block_list in lists)
     if not config.enabled:
-        return RunPlan(enabled=False, layout=ChainLayout(lists, 0, 0))
+        return RunPlan(config, enabled=False, layout=ChainLayout(lists, 0, 0))
     if config.backend not in ("auto", "native"):
         raise DiTCacheConfigError("backend", config.backend, "'native' or 'auto' for a run on the native engine",
                                   hint="requests, step-level batches and per-call overrides are served by the native "
@@ -472,7 +478,7 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig) -> RunPlan:
     # Scheduled strategies decide without measuring: no front block, the whole chain is forecast.
     front, back = (config.front_blocks, config.back_blocks) if spec.native.measured else (0, 0)
     check_block_counts(front, back, total)
-    return RunPlan(enabled=True, layout=ChainLayout(lists, front, back), rules=StepRules(config),
+    return RunPlan(config, enabled=True, layout=ChainLayout(lists, front, back), rules=StepRules(config),
                    measured=spec.native.measured, forecast_order=config.taylorseer_order,
                    separate_cfg=config.separate_cfg is not False)  # "auto" -> separate: always correct
 
