@@ -350,3 +350,32 @@ def test_a_declared_per_row_argument_is_sliced_with_its_rows():
     output, x, gate = _two_requests_one_cached(handle, model)
     handle.disable()
     torch.testing.assert_close(output[1:], model(x[1:], gate[1:]))  # b's row: the real model, alone
+
+
+# -- per-call overrides ---------------------------------------------------------------------
+
+
+def test_an_override_runs_one_pipeline_call_with_another_config_and_leaves_the_handle_alone(flux):
+    handle = enable_dit_cache(flux.pipe, enabled=True, backend="native", strategy="fbcache",
+                              threshold=10.0, warmup_steps=1)
+    with handle.override(threshold=0.0):
+        flux.pipe(**flux.call_kwargs(num_inference_steps=4))
+    assert handle.last_run.steps_cached == 0 and handle.config.threshold == 10.0
+    flux.pipe(**flux.call_kwargs(num_inference_steps=4))
+    assert handle.last_run.steps_cached == 3
+    with handle.override("fbcache-fast"):
+        flux.pipe(**flux.call_kwargs(num_inference_steps=4))
+    assert handle.last_run.strategy == "fbcache" and handle.last_run.steps_total == 4
+    handle.disable()
+
+
+def test_a_bad_override_fails_before_the_call(flux):
+    handle = enable_dit_cache(flux.pipe, enabled=True, backend="native", strategy="fbcache")
+    with pytest.raises(DiTCacheConfigError, match="front_blocks"):
+        with handle.override(strategy="dbcache", front_blocks=99):
+            flux.pipe(**flux.call_kwargs(num_inference_steps=2))
+    assert handle.last_run is None
+    with handle.run():
+        with pytest.raises(CacheStateError, match="inside a run"):
+            handle.override(threshold=0.1).__enter__()
+    handle.disable()
