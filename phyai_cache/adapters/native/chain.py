@@ -416,6 +416,8 @@ class ChainInstallation(Installation):
                        encoder: torch.Tensor | None) -> Any:
         if len(forward.groups) == 1:
             return io.make_output(*self._reused_rows(position, forward.groups[0], hidden, encoder))
+        if not any(position in g.layout.segment_start for g in forward.groups):
+            return io.make_output(hidden, encoder)  # every row passes through this block unchanged
         pieces = [self._reused_rows(position, g, g.rows(hidden), g.rows(encoder)) for g in forward.groups]
         return io.make_output(*_concat(pieces))
 
@@ -423,8 +425,15 @@ class ChainInstallation(Installation):
         """The whole batch's output from the running groups' rows and the skipping groups' reuse."""
         computed_hidden, computed_encoder = io.split(output)
         hidden, encoder = work.inputs
-        pieces, offset = [], 0
         running = {id(g) for g in work.running}
+        skipping = [g for g in forward.groups if id(g) not in running]
+        if not any(position in g.layout.segment_start for g in skipping):
+            # The skipping rows pass through unchanged: write the computed rows into a copy of the input.
+            hidden = hidden.index_copy(0, work.index, computed_hidden)
+            if encoder is not None and computed_encoder is not None:
+                encoder = encoder.index_copy(0, work.index, computed_encoder)
+            return io.make_output(hidden, encoder)
+        pieces, offset = [], 0
         for group in forward.groups:
             if id(group) in running:
                 size = group.chain_input.shape[0]
