@@ -15,6 +15,7 @@ from .runtime import CacheTarget
 from .registry import resolve_backend
 from .requests import Request, RowLike
 from .stats import BatchStats, RunStats
+from .target_checks import refuse_second_transformer
 
 logger = logging.getLogger("phyai_cache")
 
@@ -192,6 +193,7 @@ def enable_dit_cache(target: Any, config: ConfigSource = None, *, blocks: Blocks
         _log_disabled(resolved, overrides)
         return CacheHandle(cache_target, resolved, None, None)
 
+    refuse_second_transformer(target)
     backend = resolve_backend(resolved)
     plan = backend.prepare(cache_target, resolved, blocks)  # validation only, nothing changed yet
     lifecycle = Lifecycle(cache_target, resolved, backend.name)

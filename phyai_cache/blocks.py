@@ -19,6 +19,7 @@ from typing import Any, Union
 import torch
 
 from .errors import CacheStateError, DiTCacheConfigError
+from .known_blocks import check_no_code_between_blocks, corrected
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def discover_blocks(model: torch.nn.Module, blocks: BlocksArg = None) -> list[Bl
     of those, one per block list, in the order the model runs them.
     """
     specs = _auto_specs(model) if blocks is None else _normalize_specs(blocks)
+    check_no_code_between_blocks(model, [spec.path for spec in specs])
     lists = [_resolve_block_list(model, spec) for spec in specs]
     if not lists or sum(len(bl.blocks) for bl in lists) == 0:
         raise DiTCacheConfigError(
@@ -189,7 +191,7 @@ def _auto_specs(model: torch.nn.Module) -> list[BlockSpec]:
         if any(m is None for m in metadata):
             continue
         first = metadata[0]
-        specs.append(_spec_from_diffusers(name, first))
+        specs.append(corrected(type(child[0]), _spec_from_diffusers(name, first)))
     if not specs:
         candidates = _module_list_children(model)
         raise DiTCacheConfigError(

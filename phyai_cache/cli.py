@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (default 1: on shared cores more threads make timings erratic)")
     demo.set_defaults(func=cmd_demo)
+
+    support = commands.add_parser("support", help="measure the DiT family x backend x strategy support table")
+    support.add_argument("--write", metavar="PATH", help="write the Markdown table there (docs/support.md)")
+    support.add_argument("--check", metavar="PATH", help="exit 1 if the file there differs from a fresh table")
+    support.set_defaults(func=cmd_support)
     _add_extension_commands(commands)
     return parser
 
@@ -74,6 +79,12 @@ def _add_extension_commands(commands: Any) -> None:
                 continue  # feature not present in this build
             raise
         module.add_commands(commands)
+
+
+def cmd_support(args: argparse.Namespace) -> int:
+    from .testing.support_table import run
+
+    return run(args)
 
 
 def cmd_backends(args: argparse.Namespace) -> int:

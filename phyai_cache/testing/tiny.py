@@ -72,6 +72,39 @@ hunyuanvideo -- ``HunyuanVideoPipeline`` + ``HunyuanVideoTransformer3DModel``
     the text token refiner (``context_embedder.token_refiner``, 1 layer) is not a
     cacheable block list.
 
+qwenimage21 -- ``QwenImage21Pipeline`` + ``QwenImage21Transformer2DModel`` (Qwen-Image 2.1)
+    kwargs: prompt_embeds (B, 8, 32), prompt_embeds_mask (B, 8) all ones,
+    true_cfg_scale=1.0 (2.1 is meant to run without guidance).
+    cfg=True: true_cfg_scale=4.0 + negative_prompt_embeds (+ mask).
+    The pipeline's VAE is 16x and the transformer takes latents unpatched: one
+    token per 16x16 pixels, so resolutions must be multiples of 32 (16 tokens at
+    res 64, 16 latent channels). Text and image share one sequence in single-stream
+    blocks; with ``use_kv_cache=True`` (the default, kept here) the first step
+    prefills a KV cache of the text tokens and later steps run the image tokens
+    only, so the hidden states change shape between step 0 and step 1.
+    Stand-in: ``Qwen3VLProcessor`` cannot be built without torchvision (its video
+    processor needs it, and torchvision cannot be installed next to the CPU torch
+    here). With precomputed embeddings the pipeline uses the processor only in
+    ``__init__``: the chat template's system-prompt length and the image-pad token
+    id. ``_TokenizerProcessor`` provides exactly those with a real tiny
+    ``Qwen2Tokenizer`` -- the only stand-in in this module.
+    Blocks: ``transformer_blocks`` (4 x QwenImage21TransformerBlock), which
+    diffusers' block registry does not describe: ``TinyPipeline.blocks`` declares
+    ``BlockSpec("transformer_blocks")`` (pass it as ``enable_dit_cache(..., blocks=)``).
+
+cosmos3 -- ``Cosmos3OmniPipeline`` + ``Cosmos3OmniTransformer`` (Cosmos 3, text-to-image)
+    kwargs: prompt (a string: the pipeline has no text encoder, the transformer
+    embeds token ids itself), num_frames=1, guidance_scale=1.0, no system prompt.
+    cfg=True: guidance_scale=6.0 + an empty negative prompt -> "cond" and "uncond"
+    calls. One sample per call (the pipeline collapses prompt lists), so
+    batch_size must be 1. A real tiny ``Qwen2Tokenizer`` (byte-level vocabulary,
+    built in memory) and a tiny ``AutoencoderKLWan`` (8x spatial; the pipeline
+    encodes an empty conditioning frame even for text-to-image) are built
+    offline; the safety checker is disabled. Scheduler: ``UniPCMultistepScheduler``
+    with flow sigmas, as shipped.
+    Blocks: ``layers`` (4 x Cosmos3VLTextMoTDecoderLayer, described by diffusers:
+    hidden states ``gen_seq``, text stream ``und_seq``).
+
 General notes
 -------------
 * Resolutions must be multiples of 16 (8x VAE factor times 2x2 patches);
@@ -95,10 +128,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from phyai_cache.blocks import BlockSpec
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-FAMILIES: tuple[str, ...] = ("flux", "wan", "qwenimage", "hunyuanvideo")
+FAMILIES: tuple[str, ...] = ("flux", "wan", "qwenimage", "hunyuanvideo", "qwenimage21", "cosmos3")
 
 DEFAULT_RESOLUTION = 64
 """Default height == width in pixels: 16 image tokens per frame (8x VAE, 2x2 patches)."""
@@ -109,7 +144,14 @@ TEXT_SEQ_LEN = 8
 _NEGATIVE_PROMPT_SEED = 2**31 - 1
 """Seed of the fixed negative-prompt embedding (a stand-in for an empty negative prompt)."""
 
+_TOKENIZER_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                             "<|image_pad|>", "<|video_pad|>")
+_TOKENIZER_VOCAB_SIZE = 256 + len(_TOKENIZER_SPECIAL_TOKENS)
+"""The tiny byte-level Qwen2 tokenizer: one token per byte, plus the chat and vision special tokens."""
+
 _RESOLUTION_MULTIPLE = 16
+_RESOLUTION_MULTIPLES = {"qwenimage21": 32}  # 16x VAE, and the pipeline rounds down to 32
+_MAX_BATCH_SIZE = {"cosmos3": 1}  # Cosmos3OmniPipeline generates one sample per call
 
 
 @dataclass
@@ -128,6 +170,16 @@ class TinyPipeline:
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer
 
+    @property
+    def blocks(self) -> Any:
+        """The ``blocks=`` to pass to ``enable_dit_cache`` (``None``: diffusers describes the blocks)."""
+        return _BLOCK_SPECS.get(self.family)
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The largest ``batch_size`` the family's pipeline accepts (``None``: no limit)."""
+        return _MAX_BATCH_SIZE.get(self.family)
+
     def call_kwargs(
         self,
         *,
@@ -144,7 +196,9 @@ class TinyPipeline:
         the transformer runs twice per step (once "cond", once "uncond").
         """
         resolution = DEFAULT_RESOLUTION if resolution is None else resolution
-        _check_resolution(resolution)
+        _check_resolution(resolution, _RESOLUTION_MULTIPLES.get(self.family, _RESOLUTION_MULTIPLE))
+        if self.max_batch_size is not None and batch_size > self.max_batch_size:
+            raise ValueError(f"{self.family}: batch_size must be at most {self.max_batch_size}, got {batch_size}")
         kwargs: dict[str, Any] = {
             "height": resolution,
             "width": resolution,
@@ -154,6 +208,8 @@ class TinyPipeline:
         }
         if self.family in ("wan", "hunyuanvideo"):
             kwargs["num_frames"] = VIDEO_NUM_FRAMES
+        if self.family == "cosmos3":
+            kwargs.update(num_frames=1, use_system_prompt=False, enable_safety_check=False)
         kwargs.update(_PROMPT_KWARGS[self.family](self.transformer, batch_size, prompt_seed, cfg))
         return kwargs
 
@@ -168,13 +224,18 @@ def build_tiny_pipeline(
     """Build the tiny pipeline for ``family`` with weights drawn from ``seed``.
 
     ``transformer_overrides`` replace entries of the family's tiny transformer
-    config (e.g. ``num_layers=6``); the global torch RNG state is not changed.
+    config (e.g. ``num_layers=6``, which means ``num_hidden_layers`` for cosmos3);
+    the global torch RNG state is not changed.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    config = {**_TRANSFORMER_CONFIGS[family], **transformer_overrides}
+    aliases = _OVERRIDE_ALIASES.get(family, {})
+    overrides = {aliases.get(name, name): value for name, value in transformer_overrides.items()}
+    config = {**_TRANSFORMER_CONFIGS[family], **overrides}
     transformer = _cast(_build_transformer(family, config, seed), dtype)
-    pipe = _PIPELINE_BUILDERS[family](transformer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = _PIPELINE_BUILDERS[family](transformer)
     pipe.set_progress_bar_config(disable=True)
     return TinyPipeline(family=family, pipe=pipe, block_lists=_BLOCK_LISTS[family])
 
@@ -256,9 +317,41 @@ _TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
         pooled_projection_dim=32,
         rope_axes_dim=(4, 6, 6),
     ),
+    "qwenimage21": dict(
+        patch_size=1,
+        in_channels=16,  # latent channels, unpatched
+        out_channels=16,
+        num_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=32,
+        mlp_ratio=2,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    "cosmos3": dict(
+        head_dim=16,
+        hidden_size=32,
+        intermediate_size=64,
+        latent_channel=4,
+        latent_patch_size=2,
+        patch_latent_dim=16,  # 2 x 2 x latent_channel
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=4,
+        vocab_size=_TOKENIZER_VOCAB_SIZE,
+        rope_axes_dim=(4, 2, 2),  # sums to head_dim / 2
+    ),
 }
 
+_OVERRIDE_ALIASES: dict[str, dict[str, str]] = {"cosmos3": {"num_layers": "num_hidden_layers"}}
+
+
+_BLOCK_SPECS: dict[str, Any] = {"qwenimage21": BlockSpec("transformer_blocks")}
+"""Block specs for the families whose blocks diffusers' registry does not describe."""
+
 _BLOCK_LISTS: dict[str, tuple[str, ...]] = {
+    "qwenimage21": ("transformer_blocks",),
+    "cosmos3": ("layers",),
     "flux": ("transformer_blocks", "single_transformer_blocks"),
     "wan": ("blocks",),
     "qwenimage": ("transformer_blocks",),
@@ -270,6 +363,8 @@ def _transformer_class(family: str) -> type:
     import diffusers
 
     name = {
+        "qwenimage21": "QwenImage21Transformer2DModel",
+        "cosmos3": "Cosmos3OmniTransformer",
         "flux": "FluxTransformer2DModel",
         "wan": "WanTransformer3DModel",
         "qwenimage": "QwenImageTransformer2DModel",
@@ -362,7 +457,65 @@ def _build_hunyuanvideo(transformer: torch.nn.Module):
     )
 
 
+def _tiny_tokenizer():
+    """A real ``Qwen2Tokenizer`` with a byte-level vocabulary and no merges, built in memory."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_TOKENIZER_SPECIAL_TOKENS)})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    assert len(tokenizer) == _TOKENIZER_VOCAB_SIZE, len(tokenizer)
+    return tokenizer
+
+
+class _TokenizerProcessor:
+    """Stand-in for ``Qwen3VLProcessor`` (which needs torchvision): the real tokenizer, and the
+    processor's ``apply_chat_template``, which returns one token list per conversation."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> list[list[int]]:
+        return [self.tokenizer.apply_chat_template(conversation, **kwargs)]
+
+
+def _build_qwenimage21(transformer: torch.nn.Module):
+    from diffusers import QwenImage21Pipeline
+
+    return QwenImage21Pipeline(
+        scheduler=_dynamic_shift_scheduler(),
+        vae=None,
+        text_encoder=None,
+        processor=_TokenizerProcessor(_tiny_tokenizer()),
+        transformer=transformer,
+    )
+
+
+def _build_cosmos3(transformer: torch.nn.Module):
+    from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, UniPCMultistepScheduler
+
+    channels = transformer.config.latent_channel
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, False, False], latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
+        scale_factor_spatial=8, scale_factor_temporal=4,
+    ).eval()
+    scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=5.0)
+    return Cosmos3OmniPipeline(transformer=transformer, text_tokenizer=_tiny_tokenizer(), vae=vae,
+                               scheduler=scheduler, enable_safety_checker=False)
+
+
 _PIPELINE_BUILDERS: dict[str, Callable[[torch.nn.Module], Any]] = {
+    "qwenimage21": _build_qwenimage21,
+    "cosmos3": _build_cosmos3,
     "flux": _build_flux,
     "wan": _build_wan,
     "qwenimage": _build_qwenimage,
@@ -375,9 +528,9 @@ _PIPELINE_BUILDERS: dict[str, Callable[[torch.nn.Module], Any]] = {
 # ---------------------------------------------------------------------------
 
 
-def _check_resolution(resolution: int) -> None:
-    if resolution <= 0 or resolution % _RESOLUTION_MULTIPLE:
-        raise ValueError(f"resolution must be a positive multiple of {_RESOLUTION_MULTIPLE}, got {resolution}")
+def _check_resolution(resolution: int, multiple: int = _RESOLUTION_MULTIPLE) -> None:
+    if resolution <= 0 or resolution % multiple:
+        raise ValueError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
 
 
 @dataclass
@@ -467,7 +620,25 @@ def _hunyuanvideo_prompt_kwargs(transformer, batch_size: int, prompt_seed: int, 
     return kwargs
 
 
+def _qwenimage21_prompt_kwargs(transformer, batch_size: int, prompt_seed: int, cfg: bool) -> dict[str, Any]:
+    pos, neg = _prompt_pair(transformer, batch_size, prompt_seed, transformer.config.context_in_dim, None)
+    kwargs: dict[str, Any] = {"prompt_embeds": pos.embeds, "prompt_embeds_mask": pos.mask, "true_cfg_scale": 1.0}
+    if cfg:
+        kwargs.update(true_cfg_scale=4.0, negative_prompt_embeds=neg.embeds, negative_prompt_embeds_mask=neg.mask)
+    return kwargs
+
+
+def _cosmos3_prompt_kwargs(transformer, batch_size: int, prompt_seed: int, cfg: bool) -> dict[str, Any]:
+    # Token ids, not embeddings: the transformer embeds them. The "prompt" differs per prompt_seed.
+    kwargs: dict[str, Any] = {"prompt": f"a tiny picture, number {prompt_seed}", "guidance_scale": 1.0}
+    if cfg:
+        kwargs.update(guidance_scale=6.0, negative_prompt="")
+    return kwargs
+
+
 _PROMPT_KWARGS: dict[str, Callable[[Any, int, int, bool], dict[str, Any]]] = {
+    "qwenimage21": _qwenimage21_prompt_kwargs,
+    "cosmos3": _cosmos3_prompt_kwargs,
     "flux": _flux_prompt_kwargs,
     "wan": _wan_prompt_kwargs,
     "qwenimage": _qwenimage_prompt_kwargs,

@@ -1,4 +1,7 @@
-"""Native strategies on every tiny pipeline family: hits, exact block accounting, per-run lifecycle."""
+"""Native strategies on every tiny pipeline family: hits, exact block accounting, per-run lifecycle.
+
+Families include phyai's own Qwen-Image 2.1 (blocks declared with a BlockSpec; its KV cache changes
+the sequence between step 0 and step 1) and Cosmos3 (one sample per call)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import pytest
 import torch
 from counting import count_block_executions
 
-from phyai_cache import enable_dit_cache
+from phyai_cache import DiTCacheConfigError, enable_dit_cache
 from phyai_cache.testing import FAMILIES, build_tiny_pipeline
 
 STRATEGIES = {
@@ -22,11 +25,13 @@ STRATEGIES = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_strategy_caches_and_counts_exactly(family, strategy, monkeypatch):
     tiny = build_tiny_pipeline(family)
-    executed = count_block_executions(monkeypatch, tiny.transformer)
-    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", **STRATEGIES[strategy])
+    executed = count_block_executions(monkeypatch, tiny.transformer, tiny.blocks)
+    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", blocks=tiny.blocks, **STRATEGIES[strategy])
     tiny.run(num_inference_steps=6, cfg=True)
     stats = handle.last_run
     assert stats.steps_total == 12 and set(stats.branches) == {"cond", "uncond"}
+    for branch in ("cond", "uncond"):
+        assert [r.step for r in stats.records if r.branch == branch] == list(range(6))
     assert stats.steps_cached > 0
     assert stats.blocks_computed == len(executed)
     assert stats.blocks_total == stats.steps_total * handle.describe()["plan"]["blocks"]
@@ -45,13 +50,19 @@ RUNS = [
 ]
 
 
+def runs_for(tiny) -> list[dict]:
+    """RUNS, without the batch-of-2 runs for pipelines that take one sample per call (Cosmos3)."""
+    limit = tiny.max_batch_size
+    return [kwargs for kwargs in RUNS if limit is None or kwargs["batch_size"] <= limit]
+
+
 @pytest.mark.parametrize("strategy", ["fbcache+taylorseer", "dbcache", "taylorseer"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_run_after_run_equals_fresh_run(family, strategy):
-    settings = dict(enabled=True, backend="native", **STRATEGIES[strategy])
     reused = build_tiny_pipeline(family)
+    settings = dict(enabled=True, backend="native", blocks=reused.blocks, **STRATEGIES[strategy])
     enable_dit_cache(reused.pipe, **settings)
-    for kwargs in RUNS:
+    for kwargs in runs_for(reused):
         fresh = build_tiny_pipeline(family)
         enable_dit_cache(fresh.pipe, **settings)
         assert torch.equal(reused.run(**kwargs), fresh.run(**kwargs)), kwargs
@@ -61,7 +72,60 @@ def test_run_after_run_equals_fresh_run(family, strategy):
 def test_disable_restores_bit_identical_output(family):
     tiny = build_tiny_pipeline(family)
     reference = tiny.run(num_inference_steps=4, cfg=True)
-    handle = enable_dit_cache(tiny.pipe, enabled=True, **STRATEGIES["dbcache"])
+    handle = enable_dit_cache(tiny.pipe, enabled=True, blocks=tiny.blocks, **STRATEGIES["dbcache"])
     assert not torch.equal(tiny.run(num_inference_steps=4, cfg=True), reference)
     handle.disable()
     assert torch.equal(tiny.run(num_inference_steps=4, cfg=True), reference)
+
+
+KV_CASES = {
+    **STRATEGIES,
+    # the schedule allows caching step 1 (mask 0 / a forecast step): the shape change must still compute it
+    "mask-allows-step-1": dict(strategy="fbcache", threshold=10.0, warmup_steps=0, compute_mask="100000"),
+    "taylorseer-forecasts-step-1": dict(strategy="taylorseer", warmup_steps=0, compute_mask="100000",
+                                        taylorseer_order=1),
+}
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+@pytest.mark.parametrize("strategy", list(KV_CASES))
+def test_qwenimage21_kv_cache_step_is_recomputed_in_each_branch(strategy, cfg):
+    """Qwen-Image 2.1's pipeline prefills a KV cache of the text at step 0 and runs the image tokens
+    only from step 1: the hidden states change shape, so step 1 must be computed in every branch
+    (nothing is reused across the shape change) and the run must match a fresh pipeline's."""
+    tiny = build_tiny_pipeline("qwenimage21")
+    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", blocks=tiny.blocks, **KV_CASES[strategy])
+    out = tiny.run(num_inference_steps=6, cfg=cfg)
+    branches = ["cond", "uncond"] if cfg else ["cond"]
+    stats = handle.last_run
+    assert stats.branches == branches and stats.steps_cached > 0
+    for record in stats.records:
+        if record.step <= 1:
+            assert record.decision == "computed", record
+    if strategy not in ("masked", "taylorseer"):  # those compute step 1 by their own schedule
+        assert [r.reason for r in stats.records if r.step == 1] == ["shape_changed"] * len(branches)
+    fresh = build_tiny_pipeline("qwenimage21")
+    enable_dit_cache(fresh.pipe, enabled=True, backend="native", blocks=fresh.blocks, **KV_CASES[strategy])
+    assert torch.equal(out, fresh.run(num_inference_steps=6, cfg=cfg))
+
+
+def test_qwenimage21_needs_its_block_spec_and_the_refusal_says_so():
+    tiny = build_tiny_pipeline("qwenimage21")
+    with pytest.raises(DiTCacheConfigError) as info:
+        enable_dit_cache(tiny.pipe, enabled=True, backend="native", strategy="fbcache")
+    assert info.value.field == "blocks" and "transformer_blocks" in str(info.value)
+    assert "QwenImage21Transformer2DModel has no block list that diffusers describes" in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["qwenimage21", "cosmos3"])
+def test_cfg_on_and_off_in_one_pipeline_keep_separate_branch_state(family):
+    """Runs alternating true CFG on and off equal fresh runs, and each records its own branches."""
+    reused = build_tiny_pipeline(family)
+    settings = dict(enabled=True, backend="native", blocks=reused.blocks, **STRATEGIES["fbcache"])
+    handle = enable_dit_cache(reused.pipe, **settings)
+    for cfg in (True, False, True):
+        out = reused.run(num_inference_steps=5, cfg=cfg)
+        assert handle.last_run.branches == (["cond", "uncond"] if cfg else ["cond"])
+        fresh = build_tiny_pipeline(family)
+        enable_dit_cache(fresh.pipe, **settings)
+        assert torch.equal(out, fresh.run(num_inference_steps=5, cfg=cfg))

@@ -9,11 +9,12 @@ import torch
 from phyai_cache.blocks import discover_blocks
 
 
-def count_block_executions(monkeypatch, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+def count_block_executions(monkeypatch, transformer: torch.nn.Module, blocks=None) -> list[torch.nn.Module]:
     """Wrap each block class's ``forward`` (call before enabling a cache); returns the list that
-    receives one entry per block forward that really runs."""
+    receives one entry per block forward that really runs. ``blocks``: the spec for models whose
+    blocks diffusers does not describe."""
     executed: list[torch.nn.Module] = []
-    classes = {type(block) for block_list in discover_blocks(transformer) for block in block_list.blocks}
+    classes = {type(block) for block_list in discover_blocks(transformer, blocks) for block in block_list.blocks}
     for cls in classes:
         original = cls.forward
 

@@ -49,6 +49,10 @@ def test_seed_and_prompt_seed_change_output(tiny: TinyPipeline) -> None:
 
 
 def test_batch_size_reaches_transformer(tiny: TinyPipeline) -> None:
+    if tiny.max_batch_size == 1:
+        with pytest.raises(ValueError, match="batch_size must be at most 1"):
+            tiny.call_kwargs(batch_size=2)
+        return
     out = tiny.run(num_inference_steps=STEPS, batch_size=2)
     assert out.shape[0] == 2
     assert _transformer_batch_sizes(tiny, num_inference_steps=STEPS, batch_size=2) == [2] * STEPS
@@ -102,3 +106,18 @@ def test_rejects_unknown_family_and_bad_resolution() -> None:
         build_tiny_pipeline("sdxl")
     with pytest.raises(ValueError, match="multiple of 16"):
         build_tiny_pipeline("flux").call_kwargs(resolution=40)
+    with pytest.raises(ValueError, match="multiple of 32"):  # Qwen-Image 2.1: 16x VAE, rounded to 32
+        build_tiny_pipeline("qwenimage21").call_kwargs(resolution=80)
+
+
+def test_phyai_families_are_the_real_pipeline_classes() -> None:
+    """Qwen-Image 2.1 and Cosmos3 run diffusers' own pipelines; only Qwen-Image 2.1's processor is a
+    stand-in (Qwen3VLProcessor needs torchvision), holding the real tokenizer."""
+    from diffusers import Cosmos3OmniPipeline, QwenImage21Pipeline
+    from transformers import Qwen2Tokenizer
+
+    qwen, cosmos = build_tiny_pipeline("qwenimage21"), build_tiny_pipeline("cosmos3")
+    assert type(qwen.pipe) is QwenImage21Pipeline and type(cosmos.pipe) is Cosmos3OmniPipeline
+    assert isinstance(qwen.pipe.processor.tokenizer, Qwen2Tokenizer)
+    assert isinstance(cosmos.pipe.text_tokenizer, Qwen2Tokenizer)
+    assert qwen.blocks is not None and cosmos.blocks is None

@@ -1,0 +1,66 @@
+"""Corrections to diffusers' block descriptions, as data.
+
+:mod:`phyai_cache.blocks` reads how a block takes and returns its streams from diffusers'
+``TransformerBlockRegistry``. For a few block classes that entry does not match the block (found by
+the support matrix, :mod:`phyai_cache.testing.families`, which runs every family diffusers ships);
+the correct description is given here, keyed by the block class's module and name. Each entry is
+checked against the real block by ``tests/test_known_blocks.py``.
+
+``CODE_BETWEEN_BLOCKS`` names models that run code of their own between the blocks of a list (an
+interleaved second list, hints or adapter outputs added to the hidden states). On a cached step that
+code still runs, so a residual taken over several blocks would contain its contribution and it would
+be added a second time; no block spec can describe such a list. The lists are refused at enable time
+instead of giving silently wrong outputs (or failing at the first call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import DiTCacheConfigError
+
+REGISTRY_CORRECTIONS: dict[str, dict[str, Any]] = {
+    # Registered like a one-stream block (hidden states at index 0, no encoder stream), but it takes
+    # and returns both streams: ``return encoder_hidden_states, hidden_states`` (diffusers 0.42.1).
+    "diffusers.models.transformers.transformer_bria.BriaTransformerBlock": dict(
+        encoder_hidden_states_arg="encoder_hidden_states",
+        return_hidden_states_index=1,
+        return_encoder_hidden_states_index=0,
+    ),
+    # Registered without an argument name, so it defaults to ``hidden_states``; the block's first
+    # parameter is ``x`` (``forward(self, x, attn_mask, freqs_cis, ...)``).
+    "diffusers.models.transformers.transformer_z_image.ZImageTransformerBlock": dict(hidden_states_arg="x"),
+}
+
+CODE_BETWEEN_BLOCKS: dict[str, tuple[tuple[str, ...], str]] = {
+    "LatteTransformer3DModel": (
+        ("transformer_blocks", "temporal_transformer_blocks"),
+        "runs transformer_blocks and temporal_transformer_blocks interleaved, one block of each in turn",
+    ),
+    "WanVACETransformer3DModel": (("blocks",), "adds a VACE control hint after each block listed in vace_layers"),
+    "ConsisIDTransformer3DModel": (
+        ("transformer_blocks",), "adds a face cross-attention output after every cross_attn_interval-th block"),
+    "WanAnimateTransformer3DModel": (
+        ("blocks",), "adds the face adapter's output after every inject_face_latents_blocks-th block"),
+}
+
+
+def corrected(block_class: type, spec: Any) -> Any:
+    """``spec`` (a BlockSpec read from diffusers' registry) with this module's correction applied."""
+    fields = REGISTRY_CORRECTIONS.get(f"{block_class.__module__}.{block_class.__qualname__}")
+    return dataclasses.replace(spec, **fields) if fields else spec
+
+
+def check_no_code_between_blocks(model: Any, paths: Sequence[str]) -> None:
+    """Refuse block lists between whose blocks the model runs code of its own (see the module doc)."""
+    lists, what = CODE_BETWEEN_BLOCKS.get(type(model).__name__, ((), ""))
+    chosen = [path for path in paths if path in lists]
+    if chosen:
+        raise DiTCacheConfigError(
+            "blocks", list(paths), "block lists whose blocks run one after the other with nothing in between",
+            hint=f"{type(model).__name__} {what}; that code still runs on a cached step, so a residual over "
+                 f"several blocks would add its contribution twice; no block spec describes {', '.join(chosen)} "
+                 "(the attention-level strategies pab and fastercache of backend 'diffusers' do not need one)",
+        )
