@@ -222,7 +222,8 @@ def _ensure_not_enabled(target: CacheTarget) -> None:
         if handle is None:
             continue
         owner = handle._target.pipeline
-        if obj is target.transformer and None is not owner is not target.pipeline is not None:
+        shared = obj is target.transformer and target.pipeline is not None and owner is not None
+        if shared and owner is not target.pipeline:
             raise CacheStateError(
                 f"phyai_cache is already enabled on this {type(obj).__name__} through another pipeline that shares it "
                 f"({type(owner).__name__} at {id(owner):#x}, e.g. from from_pipe); one transformer carries one cache. Disable it "

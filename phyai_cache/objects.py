@@ -139,12 +139,23 @@ class Footprint:
                     f"{operation}: {kind}.{name} was replaced after the cache was enabled (a block list or block "
                     f"assigned anew, e.g. transformer.{name.split('.')[0]} = ModuleList(...)); the cache is installed on "
                     f"the modules it had then and would silently do nothing. {fix}")
-            if not all(in_forward_chain(module, value) for value in ours):
+            if not all(in_forward_chain(module, value) for value in ours) and _known_forward(module):
                 where = f"{kind}.{name}" if name else kind
                 raise TargetChangedError(
-                    f"{operation}: {where}.forward was replaced after the cache was enabled (assigned by hand, or a "
-                    f"hook installed before the cache was removed by hand), so the cache's wrapper is no longer called "
+                    f"{operation}: {where}.forward was replaced after the cache was enabled (set back to the class's "
+                    f"forward, or a hook installed before the cache was removed), so the cache's wrapper is no longer called "
                     f"and the run would silently do nothing. {fix}")
+
+
+def _known_forward(module: torch.nn.Module) -> bool:
+    """True when the module's forward is one we can see through: the class's own, or an accelerate or
+    diffusers hook. A function assigned by hand may call our wrapper from its closure: trusted."""
+    value = module.__dict__.get("forward", MISSING)
+    if value is MISSING or (getattr(value, "__self__", None) is module
+                            and getattr(value, "__func__", None) is type(module).forward):
+        return True
+    qualname = getattr(getattr(value, "func", None), "__qualname__", "")
+    return qualname.startswith(("HookRegistry.register_hook.", "add_hook_to_module."))
 
 
 # -- copies and pickles -----------------------------------------------------------------------
