@@ -10,6 +10,12 @@ undone in reverse order by an :class:`UndoStack`:
   library changed.
 
 Nothing is ever patched on a class.
+
+A module's ``forward`` may also be wrapped by others after us (accelerate's offload hooks keep the
+forward they wrap in ``_old_forward``; diffusers' hook registries in their function references). A
+``forward`` patch that is no longer the module's own ``forward`` is therefore looked for in those
+places (:func:`forward_slots`) and spliced out where it is found; if it is nowhere, somebody removed
+it already and nothing is put back over their value.
 """
 
 from __future__ import annotations
@@ -35,7 +41,14 @@ class InstancePatch:
         return self.obj.__dict__.get(self.name, _MISSING) is self.value
 
     def restore(self) -> None:
-        if self._previous is _MISSING:
+        if not self.is_current() and self.name == "forward" and _is_module(self.obj):
+            # Wrapped by another hook since (or already removed): take ours out of the chain where
+            # it is; put back nothing where it is not (the forward there now is somebody else's).
+            splice_forward(self.obj, self.value, self._previous)
+            return
+        if self.name == "forward" and is_stale_hook_forward(self.obj, self._previous):
+            self.obj.__dict__.pop(self.name, None)  # that hook was removed meanwhile: do not bring it back
+        elif self._previous is _MISSING:
             self.obj.__dict__.pop(self.name, None)
         else:
             self.obj.__dict__[self.name] = self._previous
@@ -88,6 +101,8 @@ class DictSnapshot:
     def restore(self, obj: Any, names: Iterable[str]) -> None:
         for name in names:
             previous = self.before(obj, name)
+            if name == "forward" and is_stale_hook_forward(obj, previous):
+                previous = _MISSING  # that hook was removed meanwhile: do not bring its wrapper back
             if previous is _MISSING:
                 obj.__dict__.pop(name, None)
             else:
@@ -95,6 +110,60 @@ class DictSnapshot:
 
 
 MISSING = _MISSING
+
+
+def _is_module(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def is_stale_hook_forward(module: Any, value: Any) -> bool:
+    """True for the forward a diffusers hook registry installed on ``module`` once, when that registry
+    holds no hook any more (the hook was removed after we took our snapshot)."""
+    func = getattr(value, "func", None)
+    if not getattr(func, "__qualname__", "").startswith("HookRegistry.register_hook."):
+        return False
+    registry = getattr(module, "__dict__", {}).get("_diffusers_hook")
+    return registry is None or not getattr(registry, "_hook_order", None)
+
+
+def forward_slots(module: Any) -> list[tuple[Any, str]]:
+    """Where a module's forward chain keeps callables, outermost first: its own ``forward``,
+    accelerate's ``_old_forward`` (while an accelerate hook is attached), and the function
+    references of a diffusers hook registry (each hook's ``forward``/``original_forward``)."""
+    slots: list[tuple[Any, str]] = [(module, "forward")]
+    own = module.__dict__
+    if "_hf_hook" in own and "_old_forward" in own:
+        slots.append((module, "_old_forward"))
+    registry = own.get("_diffusers_hook")
+    for fn_ref in reversed(list(getattr(registry, "_fn_refs", ()) or ())):
+        slots.append((fn_ref, "forward"))
+        if getattr(fn_ref, "original_forward", None) is not None:
+            slots.append((fn_ref, "original_forward"))
+    return slots
+
+
+def in_forward_chain(module: Any, value: Any) -> bool:
+    """True while ``value`` is one of the callables of ``module``'s forward chain."""
+    return any(holder.__dict__.get(name, _MISSING) is value for holder, name in forward_slots(module))
+
+
+def splice_forward(module: Any, value: Any, previous: Any) -> bool:
+    """Replace ``value`` by ``previous`` wherever ``module``'s forward chain holds it; False if nowhere.
+
+    Where ``previous`` is MISSING (the class's forward), the slot gets the bound class method, as
+    accelerate itself leaves it after removing a hook.
+    """
+    replacement = type(module).forward.__get__(module, type(module)) if previous is _MISSING else previous
+    for holder, name in forward_slots(module):
+        if holder.__dict__.get(name, _MISSING) is value:
+            if holder is module and name == "forward" and previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                holder.__dict__[name] = replacement
+            return True
+    return False
 
 
 class UndoStack:

@@ -10,6 +10,7 @@ from typing import Any
 from .blocks import BlocksArg
 from .config import ConfigSource, DiTCacheConfig, load_config
 from .errors import CacheStateError
+from . import objects
 from .lifecycle import HANDLE_ATTR, Lifecycle, resolve_target
 from .runtime import CacheTarget
 from .registry import resolve_backend
@@ -155,9 +156,7 @@ class CacheHandle:
         lifecycle = self._lifecycle
         if lifecycle is None:
             return
-        lifecycle.uninstall()
-        assert lifecycle.installation is not None
-        lifecycle.installation.remove()
+        objects.remove(lifecycle)  # beneath offload hooks added since
         for obj in self._target.objects:
             if obj.__dict__.get(HANDLE_ATTR) is self:
                 del obj.__dict__[HANDLE_ATTR]
@@ -197,12 +196,7 @@ def enable_dit_cache(target: Any, config: ConfigSource = None, *, blocks: Blocks
     backend = resolve_backend(resolved)
     plan = backend.prepare(cache_target, resolved, blocks)  # validation only, nothing changed yet
     lifecycle = Lifecycle(cache_target, resolved, backend.name)
-    installation = plan.install(lifecycle)
-    try:
-        lifecycle.install(installation)
-    except BaseException:
-        installation.remove()
-        raise
+    objects.install(lifecycle, plan)  # beneath offload hooks; atomic; footprint and copy guards
     handle = CacheHandle(cache_target, resolved, backend.name, lifecycle, plan.describe())
     for obj in cache_target.objects:
         obj.__dict__[HANDLE_ATTR] = handle
@@ -226,11 +220,21 @@ def get_cache_handle(target: Any) -> CacheHandle | None:
 
 def _ensure_not_enabled(target: CacheTarget) -> None:
     for obj in target.objects:
-        if get_cache_handle(obj) is not None:
+        handle = get_cache_handle(obj)
+        if handle is None:
+            continue
+        owner = handle._target.pipeline
+        shared = obj is target.transformer and target.pipeline is not None and owner is not None
+        if shared and owner is not target.pipeline:
             raise CacheStateError(
-                f"phyai_cache is already enabled on this {type(obj).__name__}; "
-                "call disable_dit_cache(target) before enabling again"
-            )
+                f"phyai_cache is already enabled on this {type(obj).__name__} through another pipeline that shares it "
+                f"({type(owner).__name__} at {id(owner):#x}, e.g. from from_pipe); one transformer carries one cache. Disable it "
+                "there first (disable_dit_cache(other_pipe)), or give this pipeline its own transformer "
+                "(copy.deepcopy before enabling); the other pipeline's calls run uncached and exact meanwhile")
+        raise CacheStateError(
+            f"phyai_cache is already enabled on this {type(obj).__name__}; "
+            "call disable_dit_cache(target) before enabling again"
+        )
     transformer = target.transformer
     if getattr(transformer, "is_cache_enabled", False):
         raise CacheStateError(

@@ -54,6 +54,13 @@ def did_you_mean(word: Any, choices: Sequence[str]) -> str:
     return f"did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
+class TargetChangedError(CacheStateError):
+    """What the cache was installed on changed after enabling: ``pipe.transformer`` or a block list
+    replaced, or a patched ``forward`` assigned anew. Raised at the start of the next run, instead of a
+    run that would report success while nothing went through the cache. Fix: disable and enable again.
+    """
+
+
 class GraphCaptureError(CacheStateError):
     """A cached model was called while a CUDA stream was being captured into a graph.
 

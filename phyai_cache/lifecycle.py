@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ._patch import ClassSwap, InstancePatch, UndoStack
+from ._patch import ClassSwap, InstancePatch, UndoStack, in_forward_chain
 from .adapters.base import Installation
 from .config import DiTCacheConfig
 from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
@@ -81,6 +81,13 @@ class Lifecycle:
         self._context_name: str | None = None
         self._undo = UndoStack()
         self._warned_outside_run = False
+        self.plan: Any = None  # the backend's plan, to put the cache back after a copy (objects.py)
+        self.footprint: Any = None  # what the cache is installed on, checked at every run start (objects.py)
+
+    def check_target(self, operation: str) -> None:
+        """Raise a clear error if what the cache is installed on was replaced since (objects.Footprint)."""
+        if self.footprint is not None:
+            self.footprint.check(operation)
 
     # -- installation -------------------------------------------------------------------------
 
@@ -103,10 +110,10 @@ class Lifecycle:
         patch = InstancePatch(obj, name, value)
 
         def restore() -> None:
-            if not patch.is_current():
+            if not patch.is_current() and not in_forward_chain(patch.obj, patch.value):
                 logger.warning("phyai_cache: %s.%s was replaced by someone else after the cache was enabled; "
-                               "restoring the original anyway", type(patch.obj).__name__, patch.name)
-            patch.restore()
+                               "left as it is", type(patch.obj).__name__, patch.name)
+            patch.restore()  # takes the wrapper out of any hook chain that still holds it
 
         self._undo.push(restore)
 
@@ -142,6 +149,7 @@ class Lifecycle:
             )
         if self._batch is not None:
             raise CacheStateError("a pipeline call or handle.run() inside handle.batch(): batches carry requests only")
+        self.check_target("a cached run" if self.target.pipeline is None else "a cached pipeline call")
         config = self._override or self.config
         refuse_capture("a cached run (%s/%s) was started", self.backend, config.strategy)
         run = self._new_run(config, num_inference_steps)
@@ -169,7 +177,10 @@ class Lifecycle:
     def _finish_stats(run: RunState, completed: bool) -> RunStats:
         run.clock.stop(run.stats)
         run.stats.completed = completed
-        logger.info(run.stats.summary())
+        if completed and not run.stats.reached_model:
+            logger.warning(run.stats.summary())  # a run that never reached the model: never report it silently
+        else:
+            logger.info(run.stats.summary())
         return run.stats
 
     # -- per-call overrides, requests and step-level batches (native engine) ---------------------
@@ -198,6 +209,7 @@ class Lifecycle:
     def open_request(self, config: DiTCacheConfig, request_id: str | None,
                      num_inference_steps: int | None) -> Request:
         self.check_config(config)
+        self.check_target("handle.open_request()")
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise DiTCacheConfigError("request_id", request_id, "a non-empty string, or None for a generated one")
         with self._lock:
@@ -243,6 +255,7 @@ class Lifecycle:
         normalized = normalize_rows(rows, self)
         if self.run_state is not None:
             raise CacheStateError("handle.batch() inside a pipeline call or handle.run(): a batch carries requests")
+        self.check_target("handle.batch()")
         if self._batch is not None:
             raise CacheStateError("handle.batch() cannot nest")
         self._batch = (normalized, bool(per_row))

@@ -63,6 +63,12 @@ class RunStats:
         return list(dict.fromkeys(r.branch for r in self.records))
 
     @property
+    def reached_model(self) -> bool:
+        """False when no transformer call went through the cache during the run (0 steps): the
+        transformer was bypassed or replaced, so nothing was cached or counted. Logged as a WARNING."""
+        return self.steps_total > 0
+
+    @property
     def cached_fraction(self) -> float:
         return self.steps_cached / self.steps_total if self.steps_total else 0.0
 
@@ -86,11 +92,14 @@ class RunStats:
         data["branches"] = self.branches
         data["cached_fraction"] = self.cached_fraction
         data["compute_fraction"] = self.compute_fraction
+        data["reached_model"] = self.reached_model
         return data
 
     def summary(self) -> str:
         memory = "n/a" if self.peak_memory_bytes is None else f"{self.peak_memory_bytes / 2**20:.1f} MiB"
         status = "" if self.completed else " (run raised)"
+        if not self.reached_model:
+            status += " -- WARNING: no transformer call went through the cache (0 steps): nothing was cached"
         return (
             f"phyai_cache {self.backend}/{self.strategy}: {self.steps_cached}/{self.steps_total} steps cached, "
             f"{self.blocks_computed}/{self.blocks_total} blocks computed, {self.latency_s * 1e3:.1f} ms, "

@@ -46,7 +46,7 @@ from ..blocks import BlockList, BlocksArg, check_block_counts, discover_blocks
 from ..config import DiTCacheConfig
 from ..errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, did_you_mean
 from ..instrument import BlockCounter
-from .._patch import DictSnapshot
+from .._patch import DictSnapshot, splice_forward
 from ..decision import SharedDecisions
 from ..runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates
 from ..strategies import StrategySpec
@@ -620,6 +620,7 @@ class _InstanceRestore:
         self._snapshot = DictSnapshot([module])
         self._modules_before = list(module._modules.items())
         self._changed: set[str] = set()
+        self._set: dict[str, Any] = {}
 
     def record_changes(self) -> None:
         self._changed |= self._snapshot.changed(self.module)
@@ -627,6 +628,7 @@ class _InstanceRestore:
     def set(self, obj: torch.nn.Module, name: str, value: Any) -> None:
         obj.__dict__[name] = value
         self._changed.add(name)
+        self._set[name] = value
 
     def restore_module_order(self) -> None:
         """Put the submodules back in registration order (keeping any the user added since, last)."""
@@ -639,6 +641,12 @@ class _InstanceRestore:
         modules.update(items)
 
     def restore(self) -> None:
+        forward = self._set.get("forward")
+        if forward is not None and self.module.__dict__.get("forward") is not forward:
+            # Another hook wrapped ours since (e.g. group offload added after the cache): take ours out
+            # of its chain and leave its forward in place.
+            splice_forward(self.module, forward, self._snapshot.before(self.module, "forward"))
+            self._changed.discard("forward")
         self._snapshot.restore(self.module, self._changed)
         modules = self.module._modules
         for name, module in self._modules_before:  # a failed call could leave a swapped list behind

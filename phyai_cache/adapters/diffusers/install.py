@@ -27,7 +27,7 @@ from typing import Any, ContextManager
 
 import torch
 
-from ..._patch import MISSING, DictSnapshot, InstancePatch, UndoStack
+from ..._patch import MISSING, DictSnapshot, InstancePatch, UndoStack, is_stale_hook_forward
 from ...blocks import BlockList
 from ...decision import SharedDecisions, cache_key
 from ...instrument import BlockCounter
@@ -104,6 +104,10 @@ class ModuleSnapshot:
             if current is not None and current.hooks:
                 changed.discard("_diffusers_hook")  # someone else's hooks live there now: keep them
             self.attributes.restore(module, changed)
+            if is_stale_hook_forward(module, module.__dict__.get("forward")):
+                # diffusers' remove_hook restores a hook's original_forward even when the hook below it was
+                # removed meanwhile (group offload taken off while the cache was on): drop that stale wrapper.
+                module.__dict__.pop("forward", None)
         self.invalidate_child_registries()
 
     def invalidate_child_registries(self) -> None:
