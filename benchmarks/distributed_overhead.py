@@ -16,7 +16,9 @@ seeds on every rank. Three pipelines per rank, identical weights:
   diverge); it isolates the collective's share of the cost.
 
 Runs are interleaved (the order rotates every round; every rank starts each run after a barrier) and
-each ratio is the median over rounds of (variant time / uncached time) on rank 0. Collectives are
+each ratio is the median over rounds of (variant time / uncached time) on rank 0. On a loaded shared
+CPU these ratios are noise-dominated, so two direct figures come with them: the time spent inside
+the cache's collectives during the timed runs, and the all-reduce of one decision's tensor alone. Collectives are
 counted twice: by the cache itself (``ParallelLayout.collectives``) and by wrapping
 ``torch.distributed.all_reduce`` / ``broadcast`` during one run of each variant (the model's own
 Ulysses all-to-alls and all-gathers go through other functions and are not counted).
@@ -80,11 +82,27 @@ def worker(rank, world_size, steps, rounds, resolution):
     cache_collectives = layout.collectives - before
     measured = sum(r.diff is not None for r in handles["reduced"].last_run.records)
 
+    # Time spent inside the cache's collectives during the timed "reduced" runs (includes waiting for
+    # the peer: under load that wait is most of it, and the model's next all-to-all would wait anyway).
+    inside = []
+    collective = layout._run
+
+    def timed_collective(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return collective(*args, **kwargs)
+        finally:
+            inside[-1] += time.perf_counter() - start
+
+    layout._run = timed_collective
+
     names = list(pipes)
     times = {name: [] for name in names}
     for index in range(rounds):
         order = names[index % 3:] + names[:index % 3]  # rotate so no variant always runs first
         for name in order:
+            if name == "reduced":
+                inside.append(0.0)
             dist.barrier()
             start = time.perf_counter()
             run(name)
@@ -107,6 +125,8 @@ def worker(rank, world_size, steps, rounds, resolution):
         "median_s": {name: statistics.median(values) for name, values in times.items()},
         "times_s": times,
         "all_reduce_us_median": statistics.median(per_call) * 1e6,
+        "inside_collectives_s_median": statistics.median(inside),
+        "inside_collectives_over_uncached": statistics.median([i / u for i, u in zip(inside, times["uncached"])]),
         "ratio_reduced_over_uncached": statistics.median(ratios["reduced"]),
         "ratio_reduced_over_uncached_quartiles": statistics.quantiles(ratios["reduced"], n=4),
         "ratio_local_over_uncached": statistics.median(ratios["local"]),
@@ -136,6 +156,8 @@ def main(argv=None) -> int:
           f"= {added / args.steps:.2f} per step")
     print(f"median step time uncached: {first['median_s']['uncached'] / args.steps * 1e3:.2f} ms; "
           f"the decision all-reduce alone: {first['all_reduce_us_median']:.0f} us (median of 300)")
+    print(f"time inside the cache's collectives per run: {first['inside_collectives_s_median'] * 1e3:.1f} ms "
+          f"(median), {first['inside_collectives_over_uncached']:.3f} of an uncached run (median of ratios)")
     print(f"time reduced/uncached: {first['ratio_reduced_over_uncached']:.3f}   "
           f"local/uncached: {first['ratio_local_over_uncached']:.3f}   "
           f"reduced/local: {first['ratio_reduced_over_local']:.3f}   (medians of pairwise ratios, rank 0; "

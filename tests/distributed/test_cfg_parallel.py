@@ -14,6 +14,8 @@ from phyai_cache import enable_dit_cache
 from phyai_cache.testing.distributed import denoise_cfg, inputs, run_ranks
 from phyai_cache.testing.toy import build_toy_dit
 
+pytestmark = pytest.mark.slow
+
 STEPS, GUIDANCE = 12, 3.0
 CONFIG = dict(enabled=True, backend="native", strategy="fbcache", threshold=0.17, warmup_steps=2)
 MODES = {"shared": False, "separate": True}
