@@ -8,7 +8,8 @@ from ._version import __version__
 from .api import CacheHandle, disable_dit_cache, enable_dit_cache, get_cache_handle
 from .blocks import BlockSpec
 from .config import DiTCacheConfig, list_presets, load_config
-from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, GraphCaptureError, PhyaiCacheError
+from .errors import (BackendUnavailableError, CacheStateError, DistributedCacheError, DiTCacheConfigError,
+                     GraphCaptureError, PhyaiCacheError)
 from .registry import list_backends
 from .requests import Request, Row
 from .stats import BatchStats, RunStats, StepRecord
@@ -22,6 +23,7 @@ __all__ = [
     "CacheStateError",
     "DiTCacheConfig",
     "DiTCacheConfigError",
+    "DistributedCacheError",
     "GraphCaptureError",
     "PhyaiCacheError",
     "Request",

@@ -9,6 +9,7 @@ from typing import Any
 
 from .blocks import BlocksArg
 from .config import ConfigSource, DiTCacheConfig, load_config
+from .distributed import resolve_parallel
 from .errors import CacheStateError
 from . import objects
 from .lifecycle import HANDLE_ATTR, Lifecycle, resolve_target
@@ -174,7 +175,7 @@ class CacheHandle:
 
 
 def enable_dit_cache(target: Any, config: ConfigSource = None, *, blocks: BlocksArg = None,
-                     **overrides: Any) -> CacheHandle:
+                     process_group: Any = None, cfg_group: Any = None, **overrides: Any) -> CacheHandle:
     """Apply a DiT cache to a pipeline or transformer and return its :class:`CacheHandle`.
 
     ``target``: a diffusers pipeline (caching per pipeline call), a diffusers transformer, or any
@@ -182,12 +183,21 @@ def enable_dit_cache(target: Any, config: ConfigSource = None, *, blocks: Blocks
     generation with ``handle.run()``). ``config``: a :class:`DiTCacheConfig`, a mapping, a YAML path
     or a preset name; ``overrides`` are config fields applied on top.
 
+    Multi-device runs (docs/distributed.md): ``process_group`` is the torch.distributed group (or
+    1-D DeviceMesh) this rank's model call is sharded over (sequence/context or tensor parallel): the
+    decision statistic is reduced over it, so all its ranks decide alike. A diffusers transformer
+    after ``enable_parallelism`` names its own group; omit the argument then. ``cfg_group`` holds
+    the ranks running the other CFG branches of the same generation (CFG parallel); its rank 0 must
+    run the first branch (cond) and leads when ``separate_cfg`` is false. Data-parallel replicas
+    pass neither.
+
     A config with ``enabled=False`` (the default) changes nothing. Every check runs before the
     target is touched: on any error the target is left exactly as it was.
     """
     resolved = load_config(config, **overrides)
     cache_target = resolve_target(target)
     _ensure_not_enabled(cache_target)
+    cache_target.parallel = resolve_parallel(cache_target.transformer, process_group, cfg_group)
     if not resolved.enabled:
         _log_disabled(resolved, overrides)
         return CacheHandle(cache_target, resolved, None, None)

@@ -9,6 +9,8 @@ our rules, and the schedule parts of the other diffusers drivers):
 3. with ``separate_cfg=False`` another branch already decided this step: follow it;
 4. the strategy's measure (e.g. the relative L1 change of the front blocks' residual) is compared
    with the threshold (``above_threshold``); scheduled strategies have no measure and cache here;
+   on a model sharded over ranks the measure is the whole tensor's (:func:`relative_l1` with a
+   ``group``), so every rank reaches the same outcome (phyai_cache/distributed.py);
 5. the caps (``max_cached``, ``max_consecutive``);
 6. the outcome is recorded in the branch's counters and, for the leader, in the shared decisions.
 
@@ -32,13 +34,21 @@ CACHED = "cached"
 CacheKey = tuple  # shapes, dtype and device the cached tensors were made for
 
 
-def relative_l1(current: torch.Tensor, reference: torch.Tensor) -> float:
+# Sums a 1-D tensor element-wise over the ranks a model is sharded over and returns it on the host
+# (phyai_cache.distributed.ParallelLayout.reducer); one collective per call.
+SumOverRanks = Callable[[torch.Tensor], torch.Tensor]
+
+
+def relative_l1(current: torch.Tensor, reference: torch.Tensor, group: SumOverRanks | None = None) -> float:
     """mean|current - reference| / mean|reference|, with a single host sync.
 
     The statistic of diffusers' FirstBlockCache and Cache-DiT's DBCache, so equal thresholds mean
     the same on every backend. Means in float32 so half-precision activations neither overflow nor
-    round to zero.
+    round to zero. With ``group`` the tensors are this rank's shard and the statistic is the whole
+    tensor's (:func:`relative_l1_groups`).
     """
+    if group is not None:
+        return relative_l1_groups(current, reference, [current.shape[0]], group)[0]
     ratio = (current - reference).abs().mean(dtype=torch.float32) / reference.abs().mean(dtype=torch.float32)
     return float(ratio.item())
 
@@ -196,12 +206,25 @@ def record(decision: Decision, step: int, branch: str, counters: BranchCounters,
     counters.record(decision.cached, key)
 
 
-def relative_l1_groups(current: torch.Tensor, reference: torch.Tensor, sizes: list[int]) -> list[float]:
+def relative_l1_groups(current: torch.Tensor, reference: torch.Tensor, sizes: list[int],
+                       group: SumOverRanks | None = None) -> list[float]:
     """:func:`relative_l1` of each group of consecutive rows (``sizes`` rows each), one host sync.
 
     ``reference`` holds each group's own reference rows, stacked in the same order. Every row has
     the same number of elements, so a group's ratio of means is the mean of its rows' means.
+
+    With ``group`` (the model is sharded over several ranks), each rank holds a shard of every row.
+    Sums are reduced, not ratios: summed over the ranks they are the whole tensor's sums, and
+    mean|a| / mean|b| over the same elements is sum|a| / sum|b| (the element counts cancel, also when
+    shards differ in size). Every group's two sums travel in one tensor: one collective per call.
     """
+    if group is not None:
+        numerator = (current - reference).abs().flatten(1).sum(1, dtype=torch.float32)
+        denominator = reference.abs().flatten(1).sum(1, dtype=torch.float32)
+        sums = torch.stack([torch.stack([n.sum(), d.sum()]) for n, d in zip(numerator.split(sizes),
+                                                                              denominator.split(sizes))])
+        total = group(sums.flatten())  # [n0, d0, n1, d1, ...] over every rank, on the host
+        return (total[0::2] / total[1::2]).tolist()
     numerator = (current - reference).abs().flatten(1).mean(1, dtype=torch.float32)
     denominator = reference.abs().flatten(1).mean(1, dtype=torch.float32)
     ratios = torch.stack([n.mean() / d.mean() for n, d in zip(numerator.split(sizes), denominator.split(sizes))])

@@ -45,6 +45,14 @@ class CacheStateError(PhyaiCacheError, RuntimeError):
     """
 
 
+class DistributedCacheError(CacheStateError):
+    """A cache collective across ranks failed or timed out, or ranks met at different decisions.
+
+    Raised on the rank that waited; the message names the rank, the group's ranks and the step. The
+    process group cannot be trusted afterwards (see docs/distributed.md).
+    """
+
+
 def did_you_mean(word: Any, choices: Sequence[str]) -> str:
     """``"did you mean 'x'?"`` for the closest of ``choices`` (case-insensitive), or ``""``."""
     if not isinstance(word, str):

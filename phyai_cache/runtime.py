@@ -25,6 +25,9 @@ class CacheTarget:
 
     transformer: torch.nn.Module
     pipeline: Any = None
+    # The process groups the model is spread over (phyai_cache.distributed.ParallelLayout), resolved at
+    # enable time; None for a model run by one process.
+    parallel: Any = None
 
     @property
     def objects(self) -> list[Any]:

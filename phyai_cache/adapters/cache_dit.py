@@ -48,6 +48,7 @@ from ..errors import BackendUnavailableError, CacheStateError, DiTCacheConfigErr
 from ..instrument import BlockCounter
 from .._patch import DictSnapshot, splice_forward
 from ..decision import SharedDecisions
+from ..distributed import check_blocks_see_their_shard, check_cache_dit
 from ..runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates
 from ..strategies import StrategySpec
 from ..stats import tensor_bytes
@@ -128,7 +129,10 @@ class CacheDiTBackend(Backend):
                                           f"'cache_dit' {version}: {support.reason}")
         _check_version_gated_fields(config, version)
         _check_undeclared_dependencies(version)
-        chain = ChainSpec.from_lists(target.transformer, discover_blocks(target.transformer, blocks))
+        check_cache_dit(target.parallel)  # Cache-DiT reduces over the world group: right for one layout only
+        lists = discover_blocks(target.transformer, blocks)
+        check_blocks_see_their_shard(lists)
+        chain = ChainSpec.from_lists(target.transformer, lists)
         check_block_counts(config.front_blocks, config.back_blocks, len(chain),
                            where=f" in the chain {' + '.join(chain.paths)}")
         settings = _cache_settings(config)  # imports cache_dit (options are checked against its fields)

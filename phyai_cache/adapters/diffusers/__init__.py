@@ -18,6 +18,7 @@ from typing import Any
 
 from ...blocks import BlocksArg, BlockList, discover_blocks
 from ...config import DiTCacheConfig
+from ...distributed import refuse_sharded
 from ...errors import BackendUnavailableError, DiTCacheConfigError
 from ...runtime import CacheTarget, CallSource
 from ...strategies import StrategySpec
@@ -109,6 +110,8 @@ class DiffusersBackend(Backend):
             needed = f", needs >= {support.min_version}" if support.min_version else ""
             raise BackendUnavailableError(
                 f"strategy {config.strategy!r} is not available on backend 'diffusers' ({support.reason}{needed})")
+        refuse_sharded(target.parallel, "diffusers", "its cache hooks decide on each process's own tensors and "
+                                                  "never reduce across ranks")
         from .model import check_block_cache, require_cache_mixin
         from .options import check_unified_fields, validate_options
 

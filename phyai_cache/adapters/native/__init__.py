@@ -5,8 +5,10 @@ today ``fbcache`` (first-block cache, Fn=1 Bn=0), ``dbcache`` (Fn front blocks d
 blocks always run), both optionally with a TaylorSeer forecaster (``taylorseer_order``), and
 ``taylorseer`` (scheduled: compute every ``cache_interval``-th step or per ``compute_mask``,
 forecast between). It is also the engine that serves requests with their own configs and
-step-level batches with per-row decisions (docs/serving.md). See :mod:`.chain` for the mechanism,
-:mod:`.policy` for what is reused, and phyai_cache/decision.py for the decision.
+step-level batches with per-row decisions (docs/serving.md), and the one that serves models spread
+over several processes (docs/distributed.md: the statistic is reduced over the model's group). See
+:mod:`.chain` for the mechanism, :mod:`.policy` for what is reused, and phyai_cache/decision.py for
+the decision.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from ..._version import __version__
 from ...blocks import BlockList, BlocksArg, discover_blocks
 from ...config import DiTCacheConfig
+from ...distributed import check_blocks_see_their_shard
 from ...runtime import CacheTarget, CallSource
 from ...strategies import StrategySpec
 from ..base import Backend, Installation, Plan, StrategySupport
@@ -23,10 +26,11 @@ from .chain import ChainInstallation, RunPlan, native_plan
 
 
 class NativePlan(Plan):
-    def __init__(self, lists: list[BlockList], config: DiTCacheConfig, plan: RunPlan) -> None:
+    def __init__(self, lists: list[BlockList], config: DiTCacheConfig, plan: RunPlan, parallel: Any = None) -> None:
         self.lists = lists
         self.config = config
         self.plan = plan
+        self.parallel = parallel
 
     def install(self, lifecycle: CallSource) -> Installation:
         return ChainInstallation(self.lists, self.config, lifecycle)
@@ -38,6 +42,7 @@ class NativePlan(Plan):
             "front": layout.names[: layout.front_blocks],
             "back": layout.names[len(layout) - layout.back_blocks:] if layout.back_blocks else [],
             "segments": layout.num_segments,
+            **({"parallel": self.parallel.describe()} if self.parallel is not None else {}),
         }
 
 
@@ -53,4 +58,5 @@ class NativeBackend(Backend):
 
     def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: BlocksArg = None) -> NativePlan:
         lists = discover_blocks(target.transformer, blocks)
-        return NativePlan(lists, config, native_plan(lists, config))
+        check_blocks_see_their_shard(lists)  # context parallelism must split before the cached blocks
+        return NativePlan(lists, config, native_plan(lists, config), target.parallel)

@@ -194,6 +194,7 @@ class ChainInstallation(Installation):
     def __init__(self, lists: list[BlockList], config: DiTCacheConfig, lifecycle: CallSource) -> None:
         self.lists = lists
         self.lifecycle = lifecycle
+        self.parallel = lifecycle.target.parallel  # multi-rank: reduce the statistic, share CFG decisions
         self._plans: dict[DiTCacheConfig, RunPlan] = {}
         self.plan = self.plan_for(config)  # the handle's own config, checked at prepare time
         self.layout = self.plan.layout
@@ -218,7 +219,9 @@ class ChainInstallation(Installation):
 
     def begin_run(self, run: RunState) -> None:
         plan = self.plan_for(run.config)
-        self.runs.open(run, NativeRunState(plan, SharedDecisions(enabled=not plan.separate_cfg)))
+        shared = (SharedDecisions(enabled=not plan.separate_cfg) if self.parallel is None
+                  else self.parallel.shared_decisions(enabled=not plan.separate_cfg))
+        self.runs.open(run, NativeRunState(plan, shared))
 
     def end_run(self, run: RunState) -> None:
         self.runs.close(run)
@@ -345,13 +348,16 @@ class ChainInstallation(Installation):
         measurable = [g for g in groups if g.cache.decision_residual is not None and g.cache.key == g.key]
         values: dict[int, float] = {}
 
+        def over_ranks(points: list[Group]) -> Any:  # None in one process: the statistic as always
+            return None if self.parallel is None else self.parallel.reducer([(g.state.shared, g.call) for g in points])
+
         def measure(group: Group) -> float:
             if len(groups) == 1:  # one group: the plain statistic (bit-for-bit the solo figure)
-                return relative_l1(group.residual, group.cache.decision_residual)
-            if not values:
+                return relative_l1(group.residual, group.cache.decision_residual, over_ranks([group]))
+            if not values:  # every measurable group's sums in one reduction (one collective on several ranks)
                 stats = relative_l1_groups(torch.cat([g.residual for g in measurable]),
                                            torch.cat([g.cache.decision_residual for g in measurable]),
-                                           [g.residual.shape[0] for g in measurable])
+                                           [g.residual.shape[0] for g in measurable], over_ranks(measurable))
                 values.update({id(g): v for g, v in zip(measurable, stats)})
             return values[id(group)]
 
