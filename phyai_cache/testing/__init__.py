@@ -4,14 +4,18 @@ from phyai_cache.testing.tiny import (
     DEFAULT_RESOLUTION,
     FAMILIES,
     TinyPipeline,
+    available_families,
     build_tiny_pipeline,
     count_transformer_calls,
+    family_available,
 )
 
 __all__ = [
     "DEFAULT_RESOLUTION",
     "FAMILIES",
     "TinyPipeline",
+    "available_families",
     "build_tiny_pipeline",
     "count_transformer_calls",
+    "family_available",
 ]

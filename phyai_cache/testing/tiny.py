@@ -359,18 +359,32 @@ _BLOCK_LISTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def family_available(family: str) -> bool:
+    """Whether the installed diffusers has ``family``'s transformer (Qwen-Image 2.1 and Cosmos3 are
+    newer than the releases the compatibility CI pins)."""
+    import diffusers
+
+    return hasattr(diffusers, _TRANSFORMER_NAMES[family])
+
+
+def available_families() -> tuple[str, ...]:
+    return tuple(f for f in FAMILIES if family_available(f))
+
+
 def _transformer_class(family: str) -> type:
     import diffusers
 
-    name = {
-        "qwenimage21": "QwenImage21Transformer2DModel",
-        "cosmos3": "Cosmos3OmniTransformer",
-        "flux": "FluxTransformer2DModel",
-        "wan": "WanTransformer3DModel",
-        "qwenimage": "QwenImageTransformer2DModel",
-        "hunyuanvideo": "HunyuanVideoTransformer3DModel",
-    }[family]
-    return getattr(diffusers, name)
+    return getattr(diffusers, _TRANSFORMER_NAMES[family])
+
+
+_TRANSFORMER_NAMES = {
+    "qwenimage21": "QwenImage21Transformer2DModel",
+    "cosmos3": "Cosmos3OmniTransformer",
+    "flux": "FluxTransformer2DModel",
+    "wan": "WanTransformer3DModel",
+    "qwenimage": "QwenImageTransformer2DModel",
+    "hunyuanvideo": "HunyuanVideoTransformer3DModel",
+}
 
 
 def _build_transformer(family: str, config: dict[str, Any], seed: int) -> torch.nn.Module:
