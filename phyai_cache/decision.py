@@ -162,12 +162,16 @@ class Decision:
 
 def decide(step: int, branch: str, rules: StepRules, counters: BranchCounters, shared: SharedDecisions,
            key: CacheKey | None, gap: str | None = None,
-           measure: Callable[[], float] | None = None, commit: bool = True) -> Decision:
+           measure: Callable[[], float] | None = None, commit: bool = True,
+           verify: Callable[[], str | None] | None = None) -> Decision:
     """Take the decision of one step of one branch (the sequence in the module doc) and, unless
     ``commit=False``, record it (:func:`record`).
 
     ``gap`` is why nothing valid can be reused (see :func:`cache_gap`), ``measure`` the strategy's
-    statistic (None for scheduled strategies: they cache whenever the rules allow).
+    statistic (None for scheduled strategies: they cache whenever the rules allow). ``verify``, when
+    given, is a last check of a step that would otherwise cache (a verified forecaster comparing its
+    forecast with what the front blocks really gave): it returns why the step must compute, or None.
+    It is evaluated after the caps, so it costs nothing on steps that compute anyway.
     """
     reason = rules.must_compute(step) or gap
     leader = shared.leader(step, branch)
@@ -179,7 +183,7 @@ def decide(step: int, branch: str, rules: StepRules, counters: BranchCounters, s
             diff = measure()
             reason = rules.judge(diff)
         if reason in (None, CACHED):
-            reason = rules.limit(counters) or CACHED
+            reason = rules.limit(counters) or (verify() if verify is not None else None) or CACHED
     # A branch whose step another branch already decided never overwrites that leader's record,
     # whether it followed it or was forced to compute by its own rules.
     decision = Decision(reason == CACHED, reason, diff, followed=leader is not None)

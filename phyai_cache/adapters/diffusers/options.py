@@ -97,6 +97,14 @@ def _ratios(label: str, value: Any) -> list[float]:
     return ratios
 
 
+def _mag_ratios(label: str, value: Any) -> Any:
+    # The same form the native engine takes (one list, or one per step count), so one calibrated
+    # preset serves both backends; the driver picks the list of each run's step count.
+    from ...strategies._options import ratios
+
+    return ratios(label, value)
+
+
 def _constant_weight(label: str, value: Any) -> Callable[[Any], float]:
     weight = _number(label, value)
     return lambda _module: weight
@@ -124,7 +132,7 @@ PASS_THROUGH: dict[str, dict[str, Check]] = {
         "skip_predict_identifiers": _optional_patterns,
         "use_lite_mode": _boolean,
     },
-    "magcache": {"mag_ratios": _ratios, "calibrate": _boolean},
+    "magcache": {"mag_ratios": _mag_ratios, "calibrate": _boolean},
 }
 
 # diffusers fields that a unified field already sets: option name -> unified field to use.
@@ -211,6 +219,11 @@ def check_unified_fields(config: DiTCacheConfig) -> None:
             hint="diffusers' FirstBlockCache reuses the residual as is and has no forecaster; backend "
                  "'native' serves fbcache with taylorseer_order, or use strategy 'taylorseer' here",
         )
+    if config.strategy == "magcache" and config.taylorseer_order is not None:
+        raise DiTCacheConfigError(
+            "taylorseer_order", config.taylorseer_order, "null for magcache on backend 'diffusers'",
+            hint="diffusers' MagCache reuses the residual as is; backend 'native' serves magcache with a "
+                 "TaylorSeer forecaster")
     if config.strategy == "magcache" and config.separate_cfg is False:
         raise DiTCacheConfigError(
             "separate_cfg", False, "true or 'auto' for magcache on backend 'diffusers'",

@@ -53,4 +53,4 @@ class NativeBackend(Backend):
 
     def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: BlocksArg = None) -> NativePlan:
         lists = discover_blocks(target.transformer, blocks)
-        return NativePlan(lists, config, native_plan(lists, config))
+        return NativePlan(lists, config, native_plan(lists, config, type(target.transformer).__name__))
