@@ -54,7 +54,8 @@ from ...strategies import get_strategy
 from ...graphs import refuse_capture
 from ..base import Installation
 from .method import Method, StepInputs
-from .policy import BranchCache, CallOutput, ResidualHistory, split_output
+from .policy import BranchCache, ResidualHistory
+from .wholecall import run_whole_call
 
 
 class ChainLayout:
@@ -440,47 +441,10 @@ class ChainInstallation(Installation):
     # -- whole-call skipping (options.skip_call) --------------------------------------------------
 
     def run_call(self, call: CallInfo, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        """With ``options.skip_call`` the decision is taken before the transformer call; a cached step
-        returns the forecast of the call's output and runs nothing of the model (no embedding, no
-        RoPE, no block, no output projection). The same sequence, rules and per-branch state apply."""
-        state = self.runs[call.run]
-        plan = state.plan
+        plan = self.runs[call.run].plan
         if not plan.enabled or not plan.skip_call:
             return original(*args, **kwargs)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if not isinstance(hidden, torch.Tensor):
-            raise CacheStateError("options.skip_call needs the transformer call's hidden states (a hidden_states "
-                                  "keyword or the first positional argument)")
-        cache = self._branch_cache(state, call)
-        group = Group(call, state, cache, chain_input=hidden, key=cache_key(hidden, kwargs.get("encoder_hidden_states")))
-        if cache.method is not None:
-            group.inputs = StepInputs(call, hidden)
-        gap = cache_gap(group.key, cache.key, cache.output is not None)
-        if gap is None and cache.method is not None:
-            gap = cache.method.gap(group.inputs)
-        measure = None if cache.method is None else functools.partial(cache.method.measure, group.inputs)
-        decision = decide(call.step, call.branch, plan.rules, cache, state.shared, group.key, gap=gap,
-                          measure=measure, commit=False)
-        self._commit(group, decision)
-        if decision.cached:
-            call.skipped_call = True
-            forecast = cache.output.history.predict(call.step)
-            if any(forecast is factor for factor in cache.output.history.factors):
-                forecast = forecast.clone()  # plain reuse: the caller must not get (and mutate) our copy
-            return cache.output.rebuild(forecast)
-        call.scratch = decision  # the blocks see a decided call and run (and count) every block
-        output = original(*args, **kwargs)
-        tensor, rebuild = split_output(output)
-        if cache.output is None:
-            cache.output = CallOutput(ResidualHistory(plan.forecast_order), rebuild)
-        # A copy: the pipeline owns the output and may change it in place (a cached tensor changed
-        # behind the cache's back is how SGLang #33827 corrupted images).
-        cache.output.history.update(call.step, tensor.detach().clone())
-        cache.output.rebuild = rebuild
-        if cache.method is not None:
-            cache.method.computed(group.inputs, tensor)
-        call.run.note_cache_bytes(state.nbytes())
-        return output
+        return run_whole_call(self, call, original, args, kwargs)
 
     def _front_residual(self, group: Group, front_output: torch.Tensor) -> torch.Tensor:
         if front_output.shape != group.chain_input.shape:

@@ -21,8 +21,6 @@ Taylor forecaster of order k a finite-difference extrapolation from the last k+1
 from __future__ import annotations
 
 import math
-import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,31 +73,6 @@ class ResidualHistory:
 
 
 @dataclass
-class CallOutput:
-    """The transformer call's output over computed steps (``options.skip_call``): the forecast of a
-    skipped call is rebuilt in the container the model returns (tensor, tuple or output dataclass)."""
-
-    history: ResidualHistory
-    rebuild: Callable[[torch.Tensor], Any]
-
-
-def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
-    """The sample tensor of a transformer output, and how to put another tensor in its place."""
-    if isinstance(output, torch.Tensor):
-        return output, lambda tensor: tensor
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        rest = output[1:]
-        return output[0], lambda tensor: (tensor, *rest)
-    sample = getattr(output, "sample", None)
-    if isinstance(sample, torch.Tensor) and dataclasses.is_dataclass(output):
-        return sample, lambda tensor: dataclasses.replace(output, sample=tensor)
-    from ...errors import CacheStateError
-
-    raise CacheStateError(f"options.skip_call cannot forecast a transformer output of type {type(output).__name__}: "
-                          "it needs a tensor, a tuple starting with one, or an output dataclass with .sample")
-
-
-@dataclass
 class BranchCache(BranchCounters):
     """The cached tensors and counters of one branch in one run."""
 
@@ -107,7 +80,7 @@ class BranchCache(BranchCounters):
     segments: dict[int, tuple[ResidualHistory, ResidualHistory | None]] = field(default_factory=dict)
     method: Any = None  # the strategy's own statistic and state (adapters/native/method.py), if any
     front: ResidualHistory | None = None  # verified forecaster: the front residual over computed steps
-    output: CallOutput | None = None  # whole-call skipping: the call's output over computed steps
+    output: Any = None  # whole-call skipping: the call's output over computed steps (wholecall.CallOutput)
 
     def nbytes(self) -> int:
         histories = [h for pair in self.segments.values() for h in pair if h is not None]
