@@ -200,6 +200,8 @@ def _add_tune(subparsers: Any) -> None:
     tune.add_argument("--margin", type=float, default=0.0, metavar="DB",
                       help="calibrate for target + margin, so unseen seeds keep the target (default 0)")
     tune.add_argument("--iterations", type=int, default=6, help="bisection steps per threshold search")
+    tune.add_argument("--max-threshold", type=float, default=2.0,
+                      help="the largest threshold the search tries (default 2.0)")
     tune.add_argument("--timing-pairs", type=int, default=3, help="interleaved pairs timing the result (0: none)")
     tune.add_argument("--out", metavar="PATH", help="write the preset YAML here (with --target-psnr)")
     tune.add_argument("--name", help="preset name (default: the --out file name)")
@@ -238,6 +240,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         on_eval=lambda message: print(f"  {message}", file=sys.stderr),
         strategy=_names(args.strategy), backend=args.backend, calibration_seeds=_ints(args.calibration_seeds),
         heldout_seeds=_ints(args.heldout_seeds), iterations=args.iterations, timing_pairs=args.timing_pairs,
+        max_threshold=args.max_threshold,
         margin_db=args.margin,
     )
     details = {"model": first.details["model"], "steps": steps, "batch_size": args.batch_size,
@@ -343,5 +346,6 @@ def _is_default(command: str, key: str, value: Any) -> bool:
     defaults = {"bench": {"out": DEFAULT_OUT, "threads": 1},
                 "calibrate": {"seeds": "100", "batch_size": 10, "threads": 1},
                 "tune": {"backend": "auto", "batch_size": 10, "calibration_seeds": "0,1",
-                         "heldout_seeds": "10,11,12", "iterations": 6, "timing_pairs": 3, "threads": 1, "margin": 0.0}}
+                         "heldout_seeds": "10,11,12", "iterations": 6, "timing_pairs": 3, "threads": 1, "margin": 0.0,
+                         "max_threshold": 2.0}}
     return defaults.get(command, {}).get(key) == value
