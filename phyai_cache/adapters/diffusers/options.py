@@ -105,6 +105,13 @@ def _mag_ratios(label: str, value: Any) -> Any:
     return ratios(label, value)
 
 
+def _positive_number(label: str, value: Any) -> float:
+    number = _number(label, value)
+    if number <= 0:
+        raise DiTCacheConfigError(label, value, "a finite number > 0")
+    return number
+
+
 def _constant_weight(label: str, value: Any) -> Callable[[Any], float]:
     weight = _number(label, value)
     return lambda _module: weight
@@ -133,6 +140,8 @@ PASS_THROUGH: dict[str, dict[str, Check]] = {
         "use_lite_mode": _boolean,
     },
     "magcache": {"mag_ratios": _mag_ratios, "calibrate": _boolean},
+    "seacache": {"power_exp": _positive_number},
+    "textkv": {},
 }
 
 # diffusers fields that a unified field already sets: option name -> unified field to use.
@@ -151,6 +160,14 @@ DUPLICATES: dict[str, dict[str, str]] = {
         "max_skip_steps": "max_consecutive_cached",
         "retention_ratio": "warmup_steps (or the start of active_steps)",
     },
+    "seacache": {
+        "threshold": "threshold",
+        "residual_order": "taylorseer_order",
+        "retention_steps": "warmup_steps (or the start of active_steps)",
+        "cache_end_steps": "active_steps (its end)",
+        "max_consecutive_cached": "max_consecutive_cached",
+    },
+    "textkv": {},
 }
 
 _TIMESTEP_SOURCE = ("phyai_cache supplies it: the pipeline's current timestep (or the transformer call's "
@@ -175,6 +192,9 @@ MANAGED: dict[str, dict[str, str]] = {
     },
     "taylorseer": {},
     "magcache": {"num_inference_steps": "phyai_cache sets it from each run's real step count"},
+    "seacache": {"raw_vision_callback": "phyai_cache supplies it: the call's latents as (C, T, H, W) per sample "
+                                        "(diffusers' own reader for Wan T2V and Cosmos 3)"},
+    "textkv": {},
 }
 
 
@@ -224,6 +244,15 @@ def check_unified_fields(config: DiTCacheConfig) -> None:
             "taylorseer_order", config.taylorseer_order, "null for magcache on backend 'diffusers'",
             hint="diffusers' MagCache reuses the residual as is; backend 'native' serves magcache with a "
                  "TaylorSeer forecaster")
+    if config.strategy == "seacache" and config.taylorseer_order not in (None, 0, 1):
+        raise DiTCacheConfigError(
+            "taylorseer_order", config.taylorseer_order, "0 or 1 for seacache on backend 'diffusers'",
+            hint="diffusers' SeaCache reuses (0) or linearly extrapolates (1) the residual")
+    if config.strategy in ("seacache", "textkv") and config.separate_cfg is False:
+        raise DiTCacheConfigError(
+            "separate_cfg", False, f"true or 'auto' for {config.strategy} on backend 'diffusers'",
+            hint=f"diffusers' {config.strategy} keeps its state per CFG branch; a decision shared across branches "
+                 "cannot be imposed on it")
     if config.strategy == "magcache" and config.separate_cfg is False:
         raise DiTCacheConfigError(
             "separate_cfg", False, "true or 'auto' for magcache on backend 'diffusers'",
