@@ -307,3 +307,20 @@ def test_disable_restores_the_model_after_every_new_mode(flux):
         flux.run(num_inference_steps=4)
         handle.disable()
         assert dict(vars(flux.transformer)) == before, settings
+
+
+def test_served_requests_refuse_whole_call_skipping_but_run_the_new_strategies(toy):
+    handle = enable_dit_cache(toy, **ON, strategy="fbcache", blocks="layers")
+    with pytest.raises(DiTCacheConfigError, match="served request") as info:
+        handle.open_request(dict(**ON, strategy="taylorseer", options={"skip_call": True}), num_inference_steps=4)
+    assert info.value.field == "options.skip_call" and handle.open_requests == []
+    request = handle.open_request(dict(**ON, strategy="easycache", threshold=10.0, warmup_steps=1),
+                                  num_inference_steps=4)
+    x, cond = torch.randn(1, 16, 8), torch.randn(1, 16)
+    with torch.no_grad():
+        for step in range(4):
+            with handle.batch([(request, "cond")]):
+                toy(x, torch.full((1,), 1 - step / 4), cond)
+    stats = request.stats
+    request.close()
+    assert [r.reason for r in stats.records] == ["warmup", "no_rate", "cached", "cached"]

@@ -221,6 +221,13 @@ class ChainInstallation(Installation):
 
     def begin_run(self, run: RunState) -> None:
         plan = self.plan_for(run.config)
+        if plan.skip_call and run.request_id is not None:
+            from ...errors import DiTCacheConfigError
+
+            raise DiTCacheConfigError(
+                "options.skip_call", True, "false for a served request",
+                hint="a step-level batch runs one transformer call for several requests, so no request can skip "
+                     "the call; serve it with block-level caching (the same strategy without skip_call)")
         self.runs.open(run, NativeRunState(plan, SharedDecisions(enabled=not plan.separate_cfg)))
 
     def end_run(self, run: RunState) -> None:
