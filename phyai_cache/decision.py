@@ -9,12 +9,13 @@ our rules, and the schedule parts of the other diffusers drivers):
 3. with ``separate_cfg=False`` another branch already decided this step: follow it;
 4. the strategy's measure (e.g. the relative L1 change of the front blocks' residual) is compared
    with the threshold (``above_threshold``); scheduled strategies have no measure and cache here;
-5. the caps (``max_cached``, ``max_consecutive``);
+5. the caps (``max_cached``, ``max_consecutive``), then the strategy's verification of a step that
+   would cache, if it has one (a verified forecaster: ``forecast_error``);
 6. the outcome is recorded in the branch's counters and, for the leader, in the shared decisions.
 
 :func:`decide` is that sequence. A strategy supplies only what it measures (a callable, evaluated
-only when step 4 is reached) and how it approximates a skipped step; it never re-implements the
-order. The meaning of each rule is documented in docs/config-reference.md.
+only when step 4 is reached), optionally a verification, and how it approximates a skipped step; it
+never re-implements the order. The meaning of each rule is documented in docs/config-reference.md.
 """
 
 from __future__ import annotations
