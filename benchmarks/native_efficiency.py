@@ -37,6 +37,19 @@ CONFIGS = {
     "dbcache F2B2 thr=10": dict(strategy="dbcache", front_blocks=2, back_blocks=2, threshold=10.0, warmup_steps=2),
     "taylorseer interval=2": dict(strategy="taylorseer", cache_interval=2, warmup_steps=2, taylorseer_order=1),
     "taylorseer interval=4": dict(strategy="taylorseer", cache_interval=4, warmup_steps=2, taylorseer_order=2),
+    "taylorseer interval=4 skip_call": dict(strategy="taylorseer", cache_interval=4, warmup_steps=2, taylorseer_order=2,
+                                            options={"skip_call": True}),
+    "fbcache thr=10 +ts1 +verify": dict(strategy="fbcache", threshold=10.0, warmup_steps=2, taylorseer_order=1,
+                                        options={"verify": 100.0}),
+    # Streaks capped at 3 so each of the new strategies computes every 4th step: equal ideal speedups.
+    "magcache thr=10": dict(strategy="magcache", threshold=10.0, warmup_steps=2, max_consecutive_cached=3,
+                            options={"mag_ratios": [1.0]}),
+    "magcache thr=10 skip_call": dict(strategy="magcache", threshold=10.0, warmup_steps=2, max_consecutive_cached=3,
+                                      options={"mag_ratios": [1.0], "skip_call": True}),
+    "easycache thr=10": dict(strategy="easycache", threshold=10.0, warmup_steps=2, max_consecutive_cached=3),
+    "easycache thr=10 skip_call": dict(strategy="easycache", threshold=10.0, warmup_steps=2, max_consecutive_cached=3,
+                                       options={"skip_call": True}),
+    "teacache thr=10": dict(strategy="teacache", threshold=10.0, warmup_steps=2, max_consecutive_cached=3),
 }
 
 
@@ -123,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", help="write results here")
+    parser.add_argument("--only", action="append", metavar="TEXT", help="only configs whose name contains TEXT")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     plain = build_model()
@@ -132,6 +146,8 @@ def main(argv=None) -> int:
           f"{args.pairs} interleaved pairs per config, torch threads 1", file=sys.stderr)
     rows = []
     for name, settings in CONFIGS.items():
+        if args.only and not any(text in name for text in args.only):
+            continue
         rows.append(measure(name, settings, plain, inputs, args.steps, args.pairs))
         row = rows[-1]
         print(f"{name:32s} cached {row['steps_cached']:2d}/{row['steps_total']}  blocks {row['blocks_computed']:3d}/"

@@ -7,6 +7,7 @@ Importing this package changes nothing: caching happens only on targets passed t
 from ._version import __version__
 from .api import CacheHandle, disable_dit_cache, enable_dit_cache, get_cache_handle
 from .blocks import BlockSpec
+from .calibration import CalibrationResult, calibrate
 from .config import DiTCacheConfig, list_presets, load_config
 from .errors import (BackendUnavailableError, CacheStateError, DistributedCacheError, DiTCacheConfigError,
                      GraphCaptureError, PhyaiCacheError)
@@ -21,6 +22,7 @@ __all__ = [
     "BlockSpec",
     "CacheHandle",
     "CacheStateError",
+    "CalibrationResult",
     "DiTCacheConfig",
     "DiTCacheConfigError",
     "DistributedCacheError",
@@ -30,6 +32,7 @@ __all__ = [
     "Row",
     "RunStats",
     "StepRecord",
+    "calibrate",
     "disable_dit_cache",
     "enable_dit_cache",
     "get_cache_handle",

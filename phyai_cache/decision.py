@@ -11,12 +11,13 @@ our rules, and the schedule parts of the other diffusers drivers):
    with the threshold (``above_threshold``); scheduled strategies have no measure and cache here;
    on a model sharded over ranks the measure is the whole tensor's (:func:`relative_l1` with a
    ``group``), so every rank reaches the same outcome (phyai_cache/distributed.py);
-5. the caps (``max_cached``, ``max_consecutive``);
+5. the caps (``max_cached``, ``max_consecutive``), then the strategy's verification of a step that
+   would cache, if it has one (a verified forecaster: ``forecast_error``);
 6. the outcome is recorded in the branch's counters and, for the leader, in the shared decisions.
 
 :func:`decide` is that sequence. A strategy supplies only what it measures (a callable, evaluated
-only when step 4 is reached) and how it approximates a skipped step; it never re-implements the
-order. The meaning of each rule is documented in docs/config-reference.md.
+only when step 4 is reached), optionally a verification, and how it approximates a skipped step; it
+never re-implements the order. The meaning of each rule is documented in docs/config-reference.md.
 """
 
 from __future__ import annotations
@@ -172,12 +173,16 @@ class Decision:
 
 def decide(step: int, branch: str, rules: StepRules, counters: BranchCounters, shared: SharedDecisions,
            key: CacheKey | None, gap: str | None = None,
-           measure: Callable[[], float] | None = None, commit: bool = True) -> Decision:
+           measure: Callable[[], float] | None = None, commit: bool = True,
+           verify: Callable[[], str | None] | None = None) -> Decision:
     """Take the decision of one step of one branch (the sequence in the module doc) and, unless
     ``commit=False``, record it (:func:`record`).
 
     ``gap`` is why nothing valid can be reused (see :func:`cache_gap`), ``measure`` the strategy's
-    statistic (None for scheduled strategies: they cache whenever the rules allow).
+    statistic (None for scheduled strategies: they cache whenever the rules allow). ``verify``, when
+    given, is a last check of a step that would otherwise cache (a verified forecaster comparing its
+    forecast with what the front blocks really gave): it returns why the step must compute, or None.
+    It is evaluated after the caps, so it costs nothing on steps that compute anyway.
     """
     reason = rules.must_compute(step) or gap
     leader = shared.leader(step, branch)
@@ -189,7 +194,7 @@ def decide(step: int, branch: str, rules: StepRules, counters: BranchCounters, s
             diff = measure()
             reason = rules.judge(diff)
         if reason in (None, CACHED):
-            reason = rules.limit(counters) or CACHED
+            reason = rules.limit(counters) or (verify() if verify is not None else None) or CACHED
     # A branch whose step another branch already decided never overwrites that leader's record,
     # whether it followed it or was forced to compute by its own rules.
     decision = Decision(reason == CACHED, reason, diff, followed=leader is not None)

@@ -294,7 +294,7 @@ class Lifecycle:
             raised = True
             try:
                 with self.installation.call_context(call):
-                    output = original(*args, **kwargs)
+                    output = self.installation.run_call(call, original, args, kwargs)
                 raised = False
                 return output
             finally:

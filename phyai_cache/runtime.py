@@ -49,6 +49,8 @@ class CallInfo:
     args: tuple = ()  # the transformer call's own arguments (references, not copies)
     kwargs: dict[str, Any] | None = None
     rows: slice = field(default_factory=lambda: ALL_ROWS)  # its rows of a step-level batch; else all
+    measures: dict[str, float] = field(default_factory=dict)  # a strategy's per-step figures (StepRecord.measures)
+    skipped_call: bool = False  # the whole transformer call was skipped (its output forecast)
 
     def take(self, decision: Decision) -> None:
         """Record a decision from :func:`phyai_cache.decision.decide` as this call's."""
@@ -89,7 +91,8 @@ class RunState:
         elif call.decision is None:  # backends that do not report decisions: infer from block counts
             call.decision = "cached" if call.blocks_computed < blocks_per_call else "computed"
         self.stats.add(
-            StepRecord(call.step, call.branch, call.decision, call.reason, call.diff, call.blocks_computed),
+            StepRecord(call.step, call.branch, call.decision, call.reason, call.diff, call.blocks_computed,
+                       dict(call.measures), call.skipped_call),
             blocks_per_call,
         )
         self.clock.sample()

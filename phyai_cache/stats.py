@@ -24,6 +24,11 @@ class StepRecord:
     reason: str  # why: "warmup", "inactive", "no_cache", "above_threshold", "cached", ...
     diff: float | None  # the measured decision statistic (relative L1), when it was measured
     blocks_computed: int
+    # Strategy-specific figures of this step: a verified forecaster's estimated error
+    # ("forecast_error"), MagCache's ratio while calibrating ("mag_ratio"), TeaCache's input and
+    # output changes ("input_change", "output_change"), ...
+    measures: dict[str, float] = field(default_factory=dict)
+    skipped_call: bool = False  # the whole transformer call was skipped and its output forecast
 
 
 @dataclass
@@ -51,6 +56,7 @@ class RunStats:
     steps_cached: int = 0
     blocks_total: int = 0
     blocks_computed: int = 0
+    calls_skipped: int = 0  # cached steps whose whole transformer call was skipped (options.skip_call)
     latency_s: float = 0.0
     peak_memory_bytes: int | None = None
     memory_kind: str = "cpu_rss_sampled"
@@ -82,6 +88,7 @@ class RunStats:
         self.steps_total += 1
         if record.decision == "cached":
             self.steps_cached += 1
+            self.calls_skipped += record.skipped_call
         else:
             self.steps_computed += 1
         self.blocks_total += blocks_per_call

@@ -26,6 +26,10 @@ MIN_VERSIONS: dict[str, dict[str, str]] = {
         "fbcache": "0.35.0",
         "taylorseer": "0.36.0",
         "magcache": "0.37.0",
+        # From the release notes and wheels in /work/shared/reference/upstream-diffusers-hooks.md:
+        # SeaCache and cache_context(name, step_index=..., sigma=...) arrived together in 0.41.0.
+        "seacache": "0.41.0",
+        "textkv": "0.38.0",
     },
     "cache_dit": {
         # The oldest release the adapter serves: it needs DBCacheConfig (1.0.4), transformer-only

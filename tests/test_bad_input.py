@@ -27,7 +27,7 @@ def untouched(flux):
 @pytest.mark.parametrize(
     "settings, error, field",
     [
-        (dict(strategy="teacache"), DiTCacheConfigError, "strategy"),
+        (dict(strategy="fora"), DiTCacheConfigError, "strategy"),
         (dict(backend="xformers"), DiTCacheConfigError, "backend"),
         (dict(threshold="high"), DiTCacheConfigError, "threshold"),
         (dict(threshold=-1.0), DiTCacheConfigError, "threshold"),

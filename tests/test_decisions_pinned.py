@@ -2,7 +2,8 @@
 
 The pinned file was recorded before the decision logic moved into phyai_cache/decision.py; a
 fresh recording must match it decision for decision and reason for reason, with measured diffs
-equal to 1e-4 relative (they are float32 means on the same inputs).
+equal to 1e-4 relative (they are float32 means on the same inputs). A preset added later is pinned
+when it is added: its entries are appended, the older entries are never rewritten.
 """
 
 from __future__ import annotations

@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phyai_cache import BackendUnavailableError, disable_dit_cache, enable_dit_cache
+from phyai_cache import BackendUnavailableError, DiTCacheConfigError, disable_dit_cache, enable_dit_cache
 from phyai_cache.testing import build_tiny_pipeline
 from phyai_cache.versions import MIN_VERSIONS, backend_version
 
 INSTALLED = backend_version("diffusers")
 TABLE = MIN_VERSIONS["diffusers"]
 OLD_STRATEGIES = ("fbcache", "pab", "fastercache")  # present since 0.33 / 0.35
-NEW_STRATEGIES = ("taylorseer", "magcache")  # 0.36 / 0.37
+NEW_STRATEGIES = ("taylorseer", "magcache", "textkv", "seacache")  # 0.36 / 0.37 / 0.38 / 0.41
+NATIVE_TOO = ("taylorseer", "magcache")  # the native engine serves these whatever diffusers has
 
 
 def test_list_backends_reports_the_old_diffusers(reports):
@@ -36,10 +37,10 @@ def test_missing_strategy_names_version_minimum_and_alternatives(flux, strategy)
     message = str(info.value)
     assert f"'diffusers' {INSTALLED}" in message  # the installed version
     assert f"needs >= {TABLE[strategy]}" in message  # the minimum
-    if strategy == "taylorseer":
-        assert "backends that can serve 'taylorseer' here: native" in message
+    if strategy in NATIVE_TOO:
+        assert f"backends that can serve '{strategy}' here: native" in message
     else:
-        assert "no installed backend can serve 'magcache'" in message
+        assert f"no installed backend can serve '{strategy}'" in message
     assert torch.equal(flux.run(num_inference_steps=4), reference)
 
 
@@ -49,8 +50,15 @@ def test_auto_falls_back_to_native_where_diffusers_is_too_old(flux, caplog):
     flux.run(num_inference_steps=8)
     assert handle.last_run.steps_cached > 0
     disable_dit_cache(flux.pipe)
-    with pytest.raises(BackendUnavailableError, match=f"diffusers: diffusers {INSTALLED} has no MagCache"):
+    # magcache: native too; without diffusers' FLUX ratios (0.37+) it needs calibrated ones
+    with pytest.raises(DiTCacheConfigError, match="calibrate") as info:
         enable_dit_cache(flux.pipe, enabled=True, strategy="magcache")
+    assert info.value.field == "options.mag_ratios"
+    handle = enable_dit_cache(flux.pipe, enabled=True, strategy="magcache", threshold=10.0, warmup_steps=1,
+                              options={"mag_ratios": [1.0]})
+    assert handle.backend == "native"
+    flux.run(num_inference_steps=6)
+    assert handle.last_run.steps_cached > 0
 
 
 @pytest.mark.parametrize("cfg", [False, True])

@@ -67,6 +67,11 @@ class Installation(ABC):
         """
         return contextlib.nullcontext()
 
+    def run_call(self, call: CallInfo, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Run one transformer call of a run (inside :meth:`call_context`). An engine that can
+        decide before the call may return a forecast output instead of running it."""
+        return original(*args, **kwargs)
+
     @abstractmethod
     def remove(self) -> None:
         """Undo everything ``install`` did, leaving the target exactly as it was before."""

@@ -21,6 +21,57 @@ DEFAULT_OUT = "bench_out"
 def add_commands(subparsers: Any) -> None:
     _add_bench(subparsers)
     _add_tune(subparsers)
+    _add_calibrate(subparsers)
+
+
+# -- calibrate ----------------------------------------------------------------------------------
+
+
+def _add_calibrate(subparsers: Any) -> None:
+    calibrate = subparsers.add_parser(
+        "calibrate", help="measure what magcache/teacache need on the reference model and write a preset",
+        description="Runs the reference model uncached with the strategy in calibration mode and writes the "
+                    "calibrated options (MagCache's magnitude ratios, TeaCache's polynomial) into a preset. "
+                    "On your own pipeline use phyai_cache.calibrate(pipe, call_kwargs, strategy=...).")
+    calibrate.add_argument("--strategy", required=True, help="magcache or teacache")
+    calibrate.add_argument("--steps", type=int, action="append", metavar="N",
+                           help="denoising steps; repeat for one calibration per step count (default 20)")
+    calibrate.add_argument("--seeds", default="100", help="comma list of seeds, one run each per step count")
+    calibrate.add_argument("--batch-size", type=int, default=10)
+    calibrate.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="true CFG with this scale")
+    calibrate.add_argument("--out", metavar="PATH", help="write the preset YAML here")
+    calibrate.add_argument("--name", help="preset name (default: the --out file name)")
+    calibrate.add_argument("--threads", type=int, default=1)
+    calibrate.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import reference
+    from ..calibration import calibrate
+    from .workload import reference_workload
+
+    torch.set_num_threads(args.threads)
+    steps = args.steps or [20]
+    workloads = [reference_workload(s, args.batch_size, args.cfg) for s in steps]
+    print(f"calibrate {args.strategy}: reference digits DiT, steps {steps}, seeds {args.seeds}, "
+          f"batch {args.batch_size}")
+    result = calibrate(reference.load_pipeline(), [w.call_kwargs for w in workloads], strategy=args.strategy,
+                       seeds=_ints(args.seeds))
+    print(yaml_dump({"options": result.options}), end="")
+    if args.out:
+        details = {"model": workloads[0].details["model"], "steps": steps, "batch_size": args.batch_size,
+                   "cfg_scale": args.cfg, "seeds": _ints(args.seeds), "command": _command_line(args)}
+        path = result.write_preset(args.out, args.name, details)
+        print(f"wrote {path}")
+    return 0
+
+
+def yaml_dump(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, width=110)
 
 
 # -- bench --------------------------------------------------------------------------------------
@@ -149,6 +200,8 @@ def _add_tune(subparsers: Any) -> None:
     tune.add_argument("--margin", type=float, default=0.0, metavar="DB",
                       help="calibrate for target + margin, so unseen seeds keep the target (default 0)")
     tune.add_argument("--iterations", type=int, default=6, help="bisection steps per threshold search")
+    tune.add_argument("--max-threshold", type=float, default=2.0,
+                      help="the largest threshold the search tries (default 2.0)")
     tune.add_argument("--timing-pairs", type=int, default=3, help="interleaved pairs timing the result (0: none)")
     tune.add_argument("--out", metavar="PATH", help="write the preset YAML here (with --target-psnr)")
     tune.add_argument("--name", help="preset name (default: the --out file name)")
@@ -187,6 +240,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         on_eval=lambda message: print(f"  {message}", file=sys.stderr),
         strategy=_names(args.strategy), backend=args.backend, calibration_seeds=_ints(args.calibration_seeds),
         heldout_seeds=_ints(args.heldout_seeds), iterations=args.iterations, timing_pairs=args.timing_pairs,
+        max_threshold=args.max_threshold,
         margin_db=args.margin,
     )
     details = {"model": first.details["model"], "steps": steps, "batch_size": args.batch_size,
@@ -290,6 +344,8 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def _is_default(command: str, key: str, value: Any) -> bool:
     defaults = {"bench": {"out": DEFAULT_OUT, "threads": 1},
+                "calibrate": {"seeds": "100", "batch_size": 10, "threads": 1},
                 "tune": {"backend": "auto", "batch_size": 10, "calibration_seeds": "0,1",
-                         "heldout_seeds": "10,11,12", "iterations": 6, "timing_pairs": 3, "threads": 1, "margin": 0.0}}
+                         "heldout_seeds": "10,11,12", "iterations": 6, "timing_pairs": 3, "threads": 1, "margin": 0.0,
+                         "max_threshold": 2.0}}
     return defaults.get(command, {}).get(key) == value

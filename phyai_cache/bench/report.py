@@ -30,6 +30,7 @@ def markdown(report: BenchReport) -> str:
         parts.append(f"### {baseline.steps} steps\n")
         parts.append(_table(baseline, report.rows_for(baseline.steps)))
         parts.extend(f"- {line}" for line in headline(report.rows_for(baseline.steps)))
+        parts.extend(f"- {line}" for line in native_versus_anchors(report.rows_for(baseline.steps)))
         parts.append("")
     if report.skipped:
         parts.append("Not benchmarked:\n")
@@ -50,6 +51,31 @@ def headline(rows: list[BenchRow]) -> list[str]:
         best = max(meeting, key=lambda r: r.get("speedup"))
         lines.append(f"{tier} (>= {db:g} dB): fastest is {best.backend}/{best.name} at {best.get('speedup'):.2f}x "
                      f"({_db(best.get('psnr_db'))} dB, ideal {_x(best.get('ideal_speedup'))})")
+    return lines
+
+
+ANCHOR_LEVELS_DB = (35.0, 40.0, 45.0, 50.0)
+
+
+def native_versus_anchors(rows: list[BenchRow], levels: tuple[float, ...] = ANCHOR_LEVELS_DB) -> list[str]:
+    """Per PSNR level: the fastest native config against the fastest config of the other backends
+    (the anchors: diffusers' and Cache-DiT's own engines) that keep that level."""
+    usable = [r for r in rows if r.status == "ok" and r.get("speedup") is not None and r.get("psnr_db") is not None]
+    lines = []
+    for level in levels:
+        best = {}
+        for side, chosen in (("native", [r for r in usable if r.backend == "native"]),
+                             ("anchor", [r for r in usable if r.backend != "native"])):
+            meeting = [r for r in chosen if r.get("psnr_db") >= level]
+            best[side] = max(meeting, key=lambda r: r.get("speedup")) if meeting else None
+        native, anchor = best["native"], best["anchor"]
+        if native is None or anchor is None:
+            missing = "native" if native is None else "anchor"
+            lines.append(f">= {level:g} dB: no {missing} config keeps it")
+            continue
+        lines.append(f">= {level:g} dB: native {native.name} {native.get('speedup'):.2f}x vs anchor "
+                     f"{anchor.backend}/{anchor.name} {anchor.get('speedup'):.2f}x = "
+                     f"{native.get('speedup') / anchor.get('speedup'):.2f}x faster")
     return lines
 
 

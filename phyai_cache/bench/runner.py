@@ -4,6 +4,11 @@ For each step count the uncached pipeline runs once per seed to give the referen
 config then gets a fresh pipeline with the cache enabled, one untimed warm-up call, and one timed
 (uncached, cached) pair per seed. A config that fails at any point becomes a row with its error;
 the sweep goes on.
+
+Strategies that need calibration (MagCache's ratios, TeaCache's polynomial) are calibrated once per
+step count with :func:`phyai_cache.calibrate` on the workload at :data:`CALIBRATION_SEEDS` (never the
+bench's own seeds); swept configs without those options get them, on every backend that serves the
+strategy. Presets are run as shipped.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from typing import Any
 import torch
 
 from ..api import CacheHandle, enable_dit_cache
+from ..calibration import calibrate
+from ..config import DiTCacheConfig
 from ..errors import PhyaiCacheError
+from ..strategies import get_strategy
 from .measure import quality, summarize_runs, time_against_uncached, timed_call
 from .sweep import Skipped, SweepEntry, plan_sweep
 from .workload import Workload, reference_workload
@@ -29,6 +37,7 @@ from .workload import Workload, reference_workload
 logger = logging.getLogger("phyai_cache.bench")
 
 SCHEMA = "phyai_cache.bench/1"
+CALIBRATION_SEEDS = (1000,)
 # The measured fields of a row, in JSON order (documented in docs/benchmarks.md).
 MEASURED_FIELDS = (
     "latency_uncached_s", "latency_cached_s", "speedup", "speedup_pairs", "ideal_speedup",
@@ -159,9 +168,10 @@ def run_bench(options: BenchOptions = BenchOptions(), progress: Progress | None 
         plain = workload.make_pipeline()
         baseline, references = _run_baseline(workload, plain, options.seeds, counter)
         baselines.append(baseline)
+        calibrations: dict[str, dict[str, Any]] = {}
         for entry in entries:
             row_end = counter.done + 1 + 2 * len(options.seeds)
-            row = measure_entry(workload, plain, references, entry, options.seeds, counter)
+            row = measure_entry(workload, plain, references, entry, options.seeds, counter, calibrations)
             counter.advance_to(row_end)
             rows.append(row)
             logger.info("bench %s steps=%d: %s", row.name, steps, row.error or _brief(row))
@@ -170,13 +180,17 @@ def run_bench(options: BenchOptions = BenchOptions(), progress: Progress | None 
 
 
 def measure_entry(workload: Workload, plain: Any, references: dict[int, torch.Tensor], entry: SweepEntry,
-                  seeds: Sequence[int], counter: RunCounter | None = None) -> BenchRow:
-    """One config against the uncached ``plain`` pipeline; any failure becomes an error row."""
+                  seeds: Sequence[int], counter: RunCounter | None = None,
+                  calibrations: dict[str, dict[str, Any]] | None = None) -> BenchRow:
+    """One config against the uncached ``plain`` pipeline; any failure becomes an error row.
+    ``calibrations`` caches the calibrated options per strategy for this workload."""
     counter = counter or RunCounter(None, 0)
     row = BenchRow(entry.name, entry.backend, entry.strategy, workload.steps, list(entry.presets), None)
     counter.label = f"{workload.steps} steps: {entry.backend}/{entry.name}"
     try:
         config = entry.build()
+        if entry.preset is None:
+            config = calibrated(config, workload, plain, {} if calibrations is None else calibrations)
         row.config = config.to_dict()
         cached = workload.make_pipeline()
         handle = enable_dit_cache(cached, config)
@@ -189,6 +203,18 @@ def measure_entry(workload: Workload, plain: Any, references: dict[int, torch.Te
     except Exception as error:  # noqa: BLE001
         return _failed(row, "error", error)
     return row
+
+
+def calibrated(config: DiTCacheConfig, workload: Workload, plain: Any,
+               calibrations: dict[str, dict[str, Any]]) -> DiTCacheConfig:
+    """``config`` with its strategy's calibrated options added when it has none of them."""
+    spec = get_strategy(config.strategy)
+    if spec.calibration is None or any(name in config.options for name in spec.calibration.options):
+        return config
+    if config.strategy not in calibrations:
+        calibrations[config.strategy] = calibrate(plain, workload.call_kwargs, strategy=config.strategy,
+                                                  seeds=CALIBRATION_SEEDS).options
+    return config.replace(options={**calibrations[config.strategy], **config.options})
 
 
 def _failed(row: BenchRow, status: str, error: BaseException) -> BenchRow:

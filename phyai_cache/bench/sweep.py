@@ -23,18 +23,37 @@ from ..strategies import get_strategy
 THRESHOLDS: dict[str, tuple[float, ...]] = {
     "fbcache": (0.1, 0.2, 0.3),
     "dbcache": (0.2, 0.4),
+    # accumulated estimates of the output change (relative L1) over a streak
+    "easycache": (0.1, 0.2, 0.3),
+    "teacache": (0.1, 0.2, 0.4),
+    # accumulated |1 - prod gamma| with the ratios calibrated on the workload; the default streak cap 3
+    "magcache": (0.1, 0.2, 0.4),
 }
 # The TaylorSeer forecaster lets a higher threshold keep its quality, so it is swept higher.
 FORECAST_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "fbcache": (0.3, 0.4, 0.5),
     "dbcache": (0.4, 0.5),
+    "easycache": (0.2, 0.4),
+    "teacache": (0.4,),
+    "magcache": (0.4, 1.0),
+}
+# Native-only forms, compared with the rows above in the same table: whole-call skipping
+# (options.skip_call: a cached step runs nothing of the model) against the block-level form at equal
+# schedules, and the verified forecaster (options.verify) against the unverified one.
+NATIVE_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "taylorseer": tuple({"cache_interval": n, "options": {"skip_call": True}} for n in (4, 6, 8)),
+    "magcache": ({"threshold": 1.0, "taylorseer_order": 1, "max_consecutive_cached": 4, "options": {"skip_call": True}},
+                 {"threshold": 3.0, "taylorseer_order": 2, "max_consecutive_cached": 8, "options": {"skip_call": True}}),
+    "easycache": ({"threshold": 0.1, "taylorseer_order": 1, "options": {"skip_call": True}},),
+    "fbcache": ({"threshold": 0.5, "taylorseer_order": 1, "options": {"verify": 0.12}},),
 }
 DEFAULT_MULTIPLIERS = (0.5, 1.0, 2.0)
 INTERVALS = (2, 3, 4)
 HIGH_ORDER_INTERVALS = (4,)  # taylorseer_order 2: a longer forecast is where a higher order helps
 
 # --quick: one or two points per strategy, enough to exercise every backend in CI.
-QUICK_THRESHOLDS: dict[str, tuple[float, ...]] = {"fbcache": (0.2,), "dbcache": ()}
+QUICK_THRESHOLDS: dict[str, tuple[float, ...]] = {"fbcache": (0.2,), "dbcache": (), "easycache": (0.2,),
+                                                  "teacache": (0.2,), "magcache": (0.2,)}
 QUICK_FORECAST_THRESHOLDS: dict[str, tuple[float, ...]] = {"fbcache": (0.3,), "dbcache": (0.4,)}
 QUICK_INTERVALS = (3,)
 
@@ -99,7 +118,7 @@ def plan_sweep(backends: Sequence[str] | None = None, strategies: Sequence[str] 
                 continue
             available.add((report.name, strategy))
             entries.extend(SweepEntry(_label(strategy, v), report.name, strategy, v)
-                           for v in strategy_variants(strategy, quick))
+                           for v in strategy_variants(strategy, quick, report.name))
     if include_presets and not quick:
         entries = _add_presets(entries, available)
     return SweepPlan(_grouped(entries), skipped)
@@ -111,14 +130,19 @@ def _grouped(entries: list[SweepEntry]) -> list[SweepEntry]:
     return sorted(entries, key=lambda e: (groups.index((e.backend, e.strategy)), e.preset is not None))
 
 
-def strategy_variants(strategy: str, quick: bool = False) -> list[dict[str, Any]]:
-    """The knob settings swept for ``strategy``: what its declaration says to sweep."""
+def strategy_variants(strategy: str, quick: bool = False, backend: str | None = None) -> list[dict[str, Any]]:
+    """The knob settings swept for ``strategy``: what its declaration says to sweep (plus, on the
+    native engine, its native-only forms)."""
     spec = get_strategy(strategy)
     if spec.sweep == "threshold":
-        return _threshold_variants(strategy, spec.fields, quick)
-    if spec.sweep == "interval":
-        return _interval_variants(spec.fields, quick)
-    return [{}]  # nothing to sweep: the strategy's defaults
+        variants = _threshold_variants(strategy, spec.fields, quick)
+    elif spec.sweep == "interval":
+        variants = _interval_variants(spec.fields, quick)
+    else:
+        return [{}]  # nothing to sweep: the strategy's defaults
+    if backend == "native" and not quick:
+        variants += [dict(v) for v in NATIVE_VARIANTS.get(strategy, ())]
+    return variants
 
 
 def _threshold_variants(strategy: str, used: Iterable[str], quick: bool) -> list[dict[str, Any]]:
@@ -141,8 +165,10 @@ def _interval_variants(used: Iterable[str], quick: bool) -> list[dict[str, Any]]
 
 def _label(strategy: str, overrides: Mapping[str, Any]) -> str:
     short = {"threshold": "t", "taylorseer_order": "o", "cache_interval": "n",
-             "front_blocks": "F", "back_blocks": "B"}
-    knobs = " ".join(f"{short.get(k, k)}={v}" for k, v in overrides.items())
+             "front_blocks": "F", "back_blocks": "B", "max_consecutive_cached": "K", "warmup_steps": "w"}
+    knobs = " ".join(f"{short.get(k, k)}={v}" for k, v in overrides.items() if k != "options")
+    for name, value in dict(overrides.get("options") or {}).items():
+        knobs += " skip-call" if name == "skip_call" and value is True else f" {name}={value}"
     return f"{strategy} {knobs}".strip()
 
 

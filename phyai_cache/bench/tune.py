@@ -52,6 +52,13 @@ SEARCH_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "dbcache": [{"front_blocks": 1, "back_blocks": 1}, {"front_blocks": 1, "back_blocks": 1, "taylorseer_order": 1},
                 {"front_blocks": 2, "back_blocks": 0, "taylorseer_order": 1}],
     "taylorseer": [{"taylorseer_order": 1}, {"taylorseer_order": 2}],
+    # Strategies deciding without front blocks: plain reuse, the forecaster, and (where the decision
+    # is known before the call) whole-call skipping; longer streaks where the forecaster carries them.
+    "magcache": [{}, {"taylorseer_order": 1},
+                 {"taylorseer_order": 1, "max_consecutive_cached": 4, "options": {"skip_call": True}},
+                 {"taylorseer_order": 2, "max_consecutive_cached": 8, "options": {"skip_call": True}}],
+    "easycache": [{}, {"taylorseer_order": 1}, {"taylorseer_order": 1, "options": {"skip_call": True}}],
+    "teacache": [{}, {"taylorseer_order": 1}],
 }
 SAME_BLOCKS_TOLERANCE = 0.005  # compute fractions closer than this count as equal: speed decides
 
@@ -237,8 +244,13 @@ def _search_all(evaluator: Evaluator, strategies: list[str], backend: str, targe
                 max_threshold: float, max_interval: int) -> tuple[DiTCacheConfig, Measurement]:
     candidates = []
     for strategy in strategies:
+        calibrated = evaluator.calibration(strategy, base, seeds)
         for variant in _variants_for(strategy, variants):
-            config = DiTCacheConfig(enabled=True, backend=backend, strategy=strategy, **{**base, **variant})
+            if backend not in ("auto", "native") and variant.get("options"):
+                continue  # native-only forms (skip_call)
+            options = {**calibrated, **dict(base.get("options") or {}), **dict(variant.get("options") or {})}
+            config = DiTCacheConfig(enabled=True, backend=backend, strategy=strategy,
+                                    **{**base, **variant, "options": options})
             found = _search_variant(evaluator, config, target, seeds, iterations, max_threshold, max_interval)
             if found is not None:
                 candidates.append(found)
@@ -251,7 +263,7 @@ def _search_all(evaluator: Evaluator, strategies: list[str], backend: str, targe
 def _variants_for(strategy: str, variants: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     """The variants to search for ``strategy``; fields it does not use are dropped (so one list can
     serve several strategies), and duplicates after dropping are searched once."""
-    used = get_strategy(strategy).fields
+    used = (*get_strategy(strategy).fields, "options", "separate_cfg")
     unique: list[dict[str, Any]] = []
     for variant in (variants if variants is not None else SEARCH_VARIANTS.get(strategy, [{}])):
         kept = {k: v for k, v in variant.items() if k in used}
@@ -370,6 +382,24 @@ class Evaluator:
         self._runs: dict[tuple[str, str, int], tuple[torch.Tensor, RunStats | None, float]] = {}
         self.backend_of: dict[str, str | None] = {}
         self.trace: list[dict[str, Any]] = []
+        self._calibrations: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+
+    def calibration(self, strategy: str, base: Mapping[str, Any], seeds: list[int]) -> dict[str, Any]:
+        """The options :func:`phyai_cache.calibrate` measures for ``strategy`` on this pipeline (every
+        case, the calibration seeds), unless ``base`` already gives them or there is nothing to calibrate."""
+        spec = get_strategy(strategy)
+        given = dict(base.get("options") or {})
+        if spec.calibration is None or any(name in given for name in spec.calibration.options):
+            return {}
+        key = (strategy, tuple(seeds))
+        if key not in self._calibrations:
+            from ..calibration import calibrate
+
+            result = calibrate(self.pipe, list(self.cases.values()), strategy=strategy, seeds=seeds,
+                               blocks=self.blocks)
+            self._calibrations[key] = result.options
+            self.note(f"calibrated {strategy} on seeds {seeds}: {', '.join(result.options)}")
+        return dict(self._calibrations[key])
 
     def note(self, message: str) -> None:
         logger.info("tune: %s", message)
@@ -507,12 +537,18 @@ _PresetDumper.add_representer(list, _represent_list)
 
 def _describe(config: DiTCacheConfig) -> str:
     parts = [config.strategy]
+    spec = get_strategy(config.strategy)
     for name, short in (("threshold", "t"), ("cache_interval", "n"), ("front_blocks", "F"), ("back_blocks", "B"),
-                        ("taylorseer_order", "o")):
+                        ("taylorseer_order", "o"), ("max_consecutive_cached", "K")):
         value = getattr(config, name)
-        spec = get_strategy(config.strategy)
+        if name == "max_consecutive_cached" and value == spec.defaults.get(name):
+            continue
         if value is not None and name in spec.fields and name not in spec.fixed:
             parts.append(f"{short}={value:g}" if isinstance(value, float) else f"{short}={value}")
+    if config.options.get("skip_call"):
+        parts.append("skip-call")
+    if config.options.get("verify") is not None:
+        parts.append(f"verify={config.options['verify']:g}")
     return " ".join(parts)
 
 

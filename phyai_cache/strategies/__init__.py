@@ -38,11 +38,40 @@ class NativeMethod:
 
     measured:
         ``True``: the step is decided after the ``front_blocks`` on the relative L1 change of their
-        residual (fbcache/dbcache). ``False``: scheduled, decided before the first block from the
-        step rules alone, and the whole block chain is forecast on cached steps (taylorseer).
+        residual (fbcache/dbcache). ``False``: decided when the block chain starts (no front block),
+        and the whole chain is approximated on cached steps: from the step rules alone (taylorseer),
+        or from the strategy's own statistic (``method``: magcache, easycache, teacache).
+    method:
+        ``"module:Class"`` of a :class:`phyai_cache.adapters.native.method.Method` in
+        ``phyai_cache.adapters.native``: the strategy's own statistic and per-branch state. Its
+        ``measure`` is what the one decision sequence (:func:`phyai_cache.decision.decide`) compares
+        with ``threshold``; its hooks see each decision and each computed step. None: the front
+        residual's relative L1 (measured) or no statistic at all (scheduled).
+    options:
+        The ``options`` the native engine accepts for this strategy, name -> check
+        (``phyai_cache.strategies._options``); any other name is refused with this list.
     """
 
     measured: bool
+    method: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``phyai_cache.calibrate`` measures for a strategy on the user's own pipeline.
+
+    options:
+        The ``options`` it fills in (e.g. ``("mag_ratios",)``); ``tune`` and the bench calibrate first
+        when a config has none of them.
+    fit:
+        ``fit(records_by_run) -> options``: the calibrated options from the ``RunStats.records`` of
+        uncached runs made with ``options.calibrate: true`` on the native engine (each record's
+        ``measures`` hold what the strategy's statistic observed).
+    """
+
+    options: tuple[str, ...]
+    fit: Any
 
 
 @dataclass(frozen=True)
@@ -71,6 +100,8 @@ class StrategySpec:
         little redundancy): the reliability matrix and backend tests run every strategy with them.
     sweep:
         What the bench and ``tune`` vary for it: ``"threshold"`` or ``"interval"`` (or None).
+    calibration:
+        What ``phyai_cache.calibrate`` measures for it (:class:`Calibration`), if anything.
     """
 
     name: str
@@ -84,6 +115,7 @@ class StrategySpec:
     native: NativeMethod | None = None
     hit_settings: Mapping[str, Any] = field(default_factory=dict)
     sweep: str | None = None
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         unknown = [f for f in (*self.fields, *self.defaults, *self.fixed) if f not in STRATEGY_SPECIFIC_FIELDS]
@@ -151,5 +183,5 @@ def _load_builtin() -> tuple[str, ...]:
 
 _BUILTIN = _load_builtin()
 
-__all__ = ["BACKENDS", "NativeMethod", "StrategySpec", "all_strategies", "get_strategy", "register_strategy",
+__all__ = ["BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "all_strategies", "get_strategy", "register_strategy",
            "strategy_names", "unregister_strategy"]

@@ -48,3 +48,26 @@ def test_fbcache_decisions_agree_across_backends(pipe, threshold, cfg_scale):
         for ours, theirs in zip(reference_diffs, diffs):
             if ours is not None and theirs is not None:
                 assert theirs == pytest.approx(ours, rel=1e-3, abs=1e-5), backend
+
+
+MAGCACHE_BACKENDS = [r.name for r in list_backends() if r.installed and "magcache" in r.available_strategies]
+
+
+@pytest.mark.skipif(len(MAGCACHE_BACKENDS) < 2, reason="needs native and diffusers serving magcache")
+@pytest.mark.parametrize("cfg_scale", [None, 2.0])
+@pytest.mark.parametrize("options", [{}, {"mag_ratios": [1.0, 0.97, 0.95, 0.96, 0.94, 0.95, 0.93, 0.9]}])
+def test_magcache_decisions_agree_across_backends(pipe, options, cfg_scale):
+    """The native MagCache follows diffusers' arithmetic: the same ratios (FLUX.1-dev's by default on
+    this FluxTransformer2DModel, or a list interpolated to 20 steps) take the same decisions."""
+    results = {}
+    for backend in MAGCACHE_BACKENDS:
+        handle = enable_dit_cache(pipe, enabled=True, backend=backend, strategy="magcache", threshold=0.15,
+                                  warmup_steps=2, max_consecutive_cached=3, options=options)
+        try:
+            with torch.no_grad():
+                pipe(**call_kwargs([0, 3, 7, 9], num_inference_steps=20, seed=1, cfg_scale=cfg_scale))
+            results[backend] = [(r.branch, r.step, r.decision) for r in handle.last_run.records]
+        finally:
+            handle.disable()
+    assert any(d == "cached" for _, _, d in results["native"]) and any(d == "computed" for _, _, d in results["native"][2:])
+    assert results["diffusers"] == results["native"]

@@ -1,7 +1,8 @@
 """The diffusers backend: diffusers' own cache hooks behind the unified config.
 
 Strategies: ``fbcache`` (FirstBlockCache), ``pab`` (PyramidAttentionBroadcast), ``fastercache``
-(FasterCache, attention reuse only), ``taylorseer`` (TaylorSeerCache) and ``magcache`` (MagCache), each
+(FasterCache, attention reuse only), ``taylorseer`` (TaylorSeerCache), ``magcache`` (MagCache),
+``seacache`` (SeaCache) and ``textkv`` (TextKVCache, exact), each
 from the diffusers release listed in :data:`phyai_cache.versions.MIN_VERSIONS`. The mapping of every
 unified field, what cannot be honoured and the upstream bugs this layer neutralises are documented in
 docs/backend-diffusers.md.
@@ -65,6 +66,8 @@ DIFFUSERS_CACHES: dict[str, DiffusersCache] = {
     "taylorseer": DiffusersCache("TaylorSeerCache", "taylorseer_cache:TaylorSeerCacheConfig",
                                  "taylorseer:TaylorSeerDriver"),
     "magcache": DiffusersCache("MagCache", "mag_cache:MagCacheConfig", "magcache:MagCacheDriver", block_level=True),
+    "seacache": DiffusersCache("SeaCache", "sea_cache:SeaCacheConfig", "seacache:SeaCacheDriver", block_level=True),
+    "textkv": DiffusersCache("TextKVCache", "text_kv_cache:TextKVCacheConfig", "textkv:TextKVCacheDriver"),
 }
 
 

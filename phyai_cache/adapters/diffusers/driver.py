@@ -68,6 +68,11 @@ class Driver:
     def begin_run(self, run: RunState, state: DiffusersRunState) -> None:
         pass
 
+    def context_kwargs(self, call: CallInfo) -> dict[str, Any] | None:
+        """Step information for diffusers' ``cache_context(name, **kwargs)``; when given, the call always
+        enters a context of its own carrying it (SeaCache reads the step, sigma and step count there)."""
+        return None
+
     def before_call(self, call: CallInfo, state: DiffusersRunState) -> None:
         pass
 

@@ -238,8 +238,9 @@ class DiffusersInstallation(Installation):
         call.scratch = CallScratch(key=_input_key(call))
         state = self.runs[call.run]
         with contextlib.ExitStack() as stack:
-            if self.driver.uses_context and self._needs_own_context(call.branch):
-                stack.enter_context(self._cache_context(call.branch))
+            context = self.driver.context_kwargs(call) if self.driver.uses_context else None
+            if self.driver.uses_context and (context is not None or self._needs_own_context(call.branch)):
+                stack.enter_context(self._cache_context(call.branch, **(context or {})))
             self.driver.before_call(call, state)
             stack.callback(self._after_call, call, state)
             yield

@@ -3,8 +3,9 @@
 Mapping: ``threshold`` -> ``threshold`` (MagCache's accumulated-error budget), ``max_consecutive_cached``
 -> ``max_skip_steps`` (null = unlimited), ``warmup_steps`` (and the start of ``active_steps``) ->
 ``retention_ratio = first / num_inference_steps`` so that exactly the first ``first`` steps compute,
-``num_inference_steps`` = the run's real step count, ``mag_ratios`` = ``FLUX_MAG_RATIOS`` for
-``FluxTransformer2DModel``, otherwise ``options.mag_ratios`` (required). All hooks share one
+``num_inference_steps`` = the run's real step count, ``mag_ratios`` = ``options.mag_ratios`` (what
+``phyai-cache calibrate`` writes: one list, or one list per step count, of which each run takes its
+own count's), else ``FLUX_MAG_RATIOS`` for ``FluxTransformer2DModel`` (required otherwise). All hooks share one
 MagCacheConfig object, so each run rewrites its fields before the first call. Steps at or past the
 end of ``active_steps`` compute: for those calls the budget is set to -inf.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo, RunState
+from ...strategies.magcache import ratios_for_steps
 from .driver import DiffusersRunState, Driver, hook_internals_error
 
 # Models whose published magnitude ratios diffusers ships (calibrated on FLUX.1-dev).
@@ -38,8 +40,8 @@ def require_ratios(model_class: str, options: dict[str, Any]) -> None:
         return
     raise DiTCacheConfigError(
         "options.mag_ratios", None, f"a list of per-step magnitude ratios calibrated for {model_class}",
-        hint="MagCache's ratios are checkpoint-specific and diffusers ships them for Flux only; run once with "
-             "options.calibrate: true (nothing is cached, diffusers prints the ratios) and pass them here",
+        hint="MagCache's ratios are checkpoint-specific and diffusers ships them for Flux only; measure them with "
+             "`phyai-cache calibrate --strategy magcache` (phyai_cache.calibrate), which writes them into a preset",
     )
 
 
@@ -54,7 +56,9 @@ class MagCacheDriver(Driver):
     def _config_kwargs(self, num_inference_steps: int) -> dict[str, Any]:
         first = max(self.rules.warmup_steps, self.rules.start)
         ratios = self.options.get("mag_ratios")
-        if ratios is None and not self.options.get("calibrate"):
+        if ratios is not None:
+            ratios = ratios_for_steps(ratios, num_inference_steps)
+        elif not self.options.get("calibrate"):
             ratios = shipped_ratios(self.model_class)
         max_skip = self.config.max_consecutive_cached
         return dict(
@@ -70,6 +74,8 @@ class MagCacheDriver(Driver):
         from diffusers.hooks.mag_cache import MagCacheConfig
 
         ratios = self.options.get("mag_ratios") or shipped_ratios(self.model_class)
+        if isinstance(ratios, dict):
+            ratios = max(ratios.values(), key=len)
         placeholder_steps = len(ratios) if ratios is not None else 28  # rewritten by every run
         return MagCacheConfig(**self._config_kwargs(placeholder_steps))
 

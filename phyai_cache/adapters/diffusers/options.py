@@ -97,6 +97,21 @@ def _ratios(label: str, value: Any) -> list[float]:
     return ratios
 
 
+def _mag_ratios(label: str, value: Any) -> Any:
+    # The same form the native engine takes (one list, or one per step count), so one calibrated
+    # preset serves both backends; the driver picks the list of each run's step count.
+    from ...strategies._options import ratios
+
+    return ratios(label, value)
+
+
+def _positive_number(label: str, value: Any) -> float:
+    number = _number(label, value)
+    if number <= 0:
+        raise DiTCacheConfigError(label, value, "a finite number > 0")
+    return number
+
+
 def _constant_weight(label: str, value: Any) -> Callable[[Any], float]:
     weight = _number(label, value)
     return lambda _module: weight
@@ -124,7 +139,9 @@ PASS_THROUGH: dict[str, dict[str, Check]] = {
         "skip_predict_identifiers": _optional_patterns,
         "use_lite_mode": _boolean,
     },
-    "magcache": {"mag_ratios": _ratios, "calibrate": _boolean},
+    "magcache": {"mag_ratios": _mag_ratios, "calibrate": _boolean},
+    "seacache": {"power_exp": _positive_number},
+    "textkv": {},
 }
 
 # diffusers fields that a unified field already sets: option name -> unified field to use.
@@ -143,6 +160,14 @@ DUPLICATES: dict[str, dict[str, str]] = {
         "max_skip_steps": "max_consecutive_cached",
         "retention_ratio": "warmup_steps (or the start of active_steps)",
     },
+    "seacache": {
+        "threshold": "threshold",
+        "residual_order": "taylorseer_order",
+        "retention_steps": "warmup_steps (or the start of active_steps)",
+        "cache_end_steps": "active_steps (its end)",
+        "max_consecutive_cached": "max_consecutive_cached",
+    },
+    "textkv": {},
 }
 
 _TIMESTEP_SOURCE = ("phyai_cache supplies it: the pipeline's current timestep (or the transformer call's "
@@ -167,6 +192,9 @@ MANAGED: dict[str, dict[str, str]] = {
     },
     "taylorseer": {},
     "magcache": {"num_inference_steps": "phyai_cache sets it from each run's real step count"},
+    "seacache": {"raw_vision_callback": "phyai_cache supplies it: the call's latents as (C, T, H, W) per sample "
+                                        "(diffusers' own reader for Wan T2V and Cosmos 3)"},
+    "textkv": {},
 }
 
 
@@ -211,6 +239,20 @@ def check_unified_fields(config: DiTCacheConfig) -> None:
             hint="diffusers' FirstBlockCache reuses the residual as is and has no forecaster; backend "
                  "'native' serves fbcache with taylorseer_order, or use strategy 'taylorseer' here",
         )
+    if config.strategy == "magcache" and config.taylorseer_order is not None:
+        raise DiTCacheConfigError(
+            "taylorseer_order", config.taylorseer_order, "null for magcache on backend 'diffusers'",
+            hint="diffusers' MagCache reuses the residual as is; backend 'native' serves magcache with a "
+                 "TaylorSeer forecaster")
+    if config.strategy == "seacache" and config.taylorseer_order not in (None, 0, 1):
+        raise DiTCacheConfigError(
+            "taylorseer_order", config.taylorseer_order, "0 or 1 for seacache on backend 'diffusers'",
+            hint="diffusers' SeaCache reuses (0) or linearly extrapolates (1) the residual")
+    if config.strategy in ("seacache", "textkv") and config.separate_cfg is False:
+        raise DiTCacheConfigError(
+            "separate_cfg", False, f"true or 'auto' for {config.strategy} on backend 'diffusers'",
+            hint=f"diffusers' {config.strategy} keeps its state per CFG branch; a decision shared across branches "
+                 "cannot be imposed on it")
     if config.strategy == "magcache" and config.separate_cfg is False:
         raise DiTCacheConfigError(
             "separate_cfg", False, "true or 'auto' for magcache on backend 'diffusers'",

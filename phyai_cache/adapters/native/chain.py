@@ -27,6 +27,8 @@ around the blocks, never inside them, so blocks can be compiled regionally.
 from __future__ import annotations
 
 import functools
+import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +53,9 @@ from ...runtime import CallInfo, CallSource, RunState, RunStates, TransformerCal
 from ...strategies import get_strategy
 from ...graphs import refuse_capture
 from ..base import Installation
+from .method import Method, StepInputs
 from .policy import BranchCache, ResidualHistory
+from .wholecall import run_whole_call
 
 
 class ChainLayout:
@@ -109,6 +113,10 @@ class RunPlan:
     measured: bool = True
     forecast_order: int | None = None
     separate_cfg: bool = True
+    method: type[Method] | None = None  # the strategy's own statistic (NativeMethod.method)
+    options: Mapping[str, Any] = field(default_factory=dict)  # checked against NativeMethod.options
+    verify: float | None = None  # options.verify: the verified forecaster's tolerance
+    skip_call: bool = False  # options.skip_call: cached steps skip the whole transformer call
 
 
 @dataclass
@@ -135,6 +143,7 @@ class Group:
     chain_input: torch.Tensor | None = None
     key: tuple | None = None
     residual: torch.Tensor | None = None  # the front residual, kept as reference if computed
+    inputs: StepInputs | None = None  # what the strategy's own statistic looks at (NativeMethod.method)
     segment_inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     @property
@@ -214,11 +223,18 @@ class ChainInstallation(Installation):
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:  # a server with ever-new per-request configs
                 self._plans = {self.plan.config: self.plan} if hasattr(self, "plan") else {}
-            plan = self._plans[config] = native_plan(self.lists, config)
+            plan = self._plans[config] = native_plan(self.lists, config, type(self.lifecycle.target.transformer).__name__)
         return plan
 
     def begin_run(self, run: RunState) -> None:
         plan = self.plan_for(run.config)
+        if plan.skip_call and run.request_id is not None:
+            from ...errors import DiTCacheConfigError
+
+            raise DiTCacheConfigError(
+                "options.skip_call", True, "false for a served request",
+                hint="a step-level batch runs one transformer call for several requests, so no request can skip "
+                     "the call; serve it with block-level caching (the same strategy without skip_call)")
         shared = (SharedDecisions(enabled=not plan.separate_cfg) if self.parallel is None
                   else self.parallel.shared_decisions(enabled=not plan.separate_cfg))
         self.runs.open(run, NativeRunState(plan, shared))
@@ -261,7 +277,7 @@ class ChainInstallation(Installation):
         refuse_capture("cached block %s was called", self.layout.names[position])
         hidden, encoder = io.hidden_in(args, kwargs), io.encoder_in(args, kwargs)
         if position == 0:
-            self._start(forward, hidden, encoder)
+            self._start(forward, hidden, encoder, args, kwargs)
         running = [g for g in forward.groups if g.runs_block(position)]
         for group in running:
             segment = group.layout.segment_start.get(position)
@@ -286,6 +302,10 @@ class ChainInstallation(Installation):
         deciding = [g for g in forward.groups if g.decision is None and g.layout.decider == position]
         if deciding:
             self._decide_measured(forward, deciding, io.split(output)[0])
+        if position == len(self.layout) - 1:
+            for group in forward.groups:
+                if group.refreshes and group.cache.method is not None:
+                    group.cache.method.computed(group.inputs, group.rows(io.split(output)[0]))
         for group in forward.groups:
             segment = group.layout.segment_end.get(position)
             if segment is not None and group.refreshes:
@@ -314,11 +334,21 @@ class ChainInstallation(Installation):
         groups = []
         for call in current.calls:
             state = self.runs[call.run]
-            cache = state.branches.setdefault(call.branch, BranchCache()) if state.plan.enabled else None
+            if isinstance(call.scratch, Decision):  # decided before the call (options.skip_call): run every block
+                groups.append(Group(call, state, None, decision=call.scratch, skip=False))
+                continue
+            cache = self._branch_cache(state, call) if state.plan.enabled else None
             groups.append(Group(call, state, cache))
         return Forward(groups, per_row=current.per_row, batched=current.batched)
 
-    def _start(self, forward: Forward, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+    def _branch_cache(self, state: NativeRunState, call: CallInfo) -> BranchCache:
+        cache = state.branches.setdefault(call.branch, BranchCache())
+        if cache.method is None and state.plan.method is not None:
+            cache.method = state.plan.method(state.plan.options, call.run)
+        return cache
+
+    def _start(self, forward: Forward, hidden: torch.Tensor, encoder: torch.Tensor | None, args: tuple,
+               kwargs: dict) -> None:
         """At the first block: check the rows, key every group, decide the groups that need no block."""
         forward.batch = hidden.shape[0]
         if forward.batched:
@@ -330,13 +360,21 @@ class ChainInstallation(Installation):
             if not forward.per_row:
                 _check_one_layout(forward.groups)
         for group in forward.groups:
+            if group.decision is not None:  # decided before the call
+                continue
             group.chain_input = group.rows(hidden)
             group.key = cache_key(group.chain_input, group.rows(encoder))
             if not group.state.plan.enabled:
                 self._commit(group, Decision(False, "disabled"))
-        scheduled = [g for g in forward.groups if g.decision is None and not g.state.plan.measured]
-        for group in scheduled:
-            self._take(forward, group, measure=None)
+            elif group.cache.method is not None:
+                group.inputs = StepInputs(group.call, group.chain_input, group.call.rows, self.layout.modules[0],
+                                          args, kwargs)
+        # Strategies without front blocks decide here, before any block runs.
+        starting = [g for g in forward.groups if g.decision is None and g.layout.front_blocks == 0]
+        for group in starting:
+            method = group.cache.method
+            self._take(forward, group, measure=None if method is None else functools.partial(method.measure,
+                                                                                               group.inputs))
         self._finish_batch_decision(forward)
 
     # -- decision -------------------------------------------------------------------------------
@@ -345,7 +383,8 @@ class ChainInstallation(Installation):
         """Decide ``groups`` after their front blocks, measuring all of them with one host sync."""
         for group in groups:
             group.residual = self._front_residual(group, group.rows(front_hidden))
-        measurable = [g for g in groups if g.cache.decision_residual is not None and g.cache.key == g.key]
+        measurable = [g for g in groups if g.state.plan.measured and g.cache.decision_residual is not None
+                      and g.cache.key == g.key]
         values: dict[int, float] = {}
 
         def over_ranks(points: list[Group]) -> Any:  # None in one process: the statistic as always
@@ -361,16 +400,19 @@ class ChainInstallation(Installation):
                 values.update({id(g): v for g, v in zip(measurable, stats)})
             return values[id(group)]
 
-        for group in groups:
-            self._take(forward, group, measure=functools.partial(measure, group))
+        for group in groups:  # a scheduled strategy with a verified forecaster has front blocks but no measure
+            self._take(forward, group, measure=functools.partial(measure, group) if group.state.plan.measured else None)
         self._finish_batch_decision(forward)
 
     def _take(self, forward: Forward, group: Group, measure: Any) -> None:
         """Decide one group; per-row batches commit at once, per-batch ones when all have decided."""
         plan, cache, call = group.state.plan, group.cache, group.call
         gap = cache_gap(group.key, cache.key, cache.has_cache(plan.layout.num_segments, plan.measured))
+        if gap is None and cache.method is not None:
+            gap = cache.method.gap(group.inputs)
+        verify = None if plan.verify is None else functools.partial(self._verify, group, plan.verify)
         decision = decide(call.step, call.branch, plan.rules, cache, group.state.shared, group.key, gap=gap,
-                          measure=measure, commit=False)
+                          measure=measure, commit=False, verify=verify)
         if forward.per_row:
             self._commit(group, decision)
         else:
@@ -394,8 +436,34 @@ class ChainInstallation(Installation):
             return
         call = group.call
         record(decision, call.step, call.branch, group.cache, group.state.shared, group.key)
-        if not decision.cached and group.state.plan.measured:
+        plan = group.state.plan
+        if not decision.cached and plan.measured:
             group.cache.decision_residual = group.residual
+        if not decision.cached and plan.verify is not None and group.residual is not None:
+            if group.cache.front is None:
+                group.cache.front = ResidualHistory(plan.forecast_order)
+            group.cache.front.update(call.step, group.residual)
+        if group.cache.method is not None and group.inputs is not None:
+            group.cache.method.committed(group.inputs, decision)
+
+    def _verify(self, group: Group, tolerance: float) -> str | None:
+        """The verified forecaster's check of a step about to be cached: the front blocks' residual,
+        forecast from the computed steps like the skipped blocks' residuals are, against the residual
+        the front blocks really gave this step. Its relative L1 error is the step's estimated error."""
+        history = group.cache.front
+        if history is None or not history.factors or history.factors[0].shape != group.residual.shape:
+            return "no_forecast"
+        error = relative_l1(history.predict(group.call.step), group.residual)
+        group.call.measures["forecast_error"] = error
+        return None if error < tolerance else "forecast_error"
+
+    # -- whole-call skipping (options.skip_call) --------------------------------------------------
+
+    def run_call(self, call: CallInfo, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        plan = self.runs[call.run].plan
+        if not plan.enabled or not plan.skip_call:
+            return original(*args, **kwargs)
+        return run_whole_call(self, call, original, args, kwargs)
 
     def _front_residual(self, group: Group, front_output: torch.Tensor) -> torch.Tensor:
         if front_output.shape != group.chain_input.shape:
@@ -471,10 +539,11 @@ class ChainInstallation(Installation):
         group.call.run.note_cache_bytes(group.state.nbytes())
 
 
-def native_plan(lists: list[BlockList], config: DiTCacheConfig) -> RunPlan:
+def native_plan(lists: list[BlockList], config: DiTCacheConfig, model_class: str | None = None) -> RunPlan:
     """How the native engine runs ``config`` on a model with these block lists; raises a clear
     error naming the field when it cannot (the handle's config, a request's or an override's)."""
     from ...errors import BackendUnavailableError, DiTCacheConfigError
+    from ...strategies._options import validate as validate_options
 
     total = sum(len(block_list.blocks) for block_list in lists)
     if not config.enabled:
@@ -487,15 +556,37 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig) -> RunPlan:
     if spec.native is None:
         raise BackendUnavailableError(f"strategy {spec.name!r} is not available on backend 'native': "
                                       f"{spec.why_not('native')}")
-    if config.options:
-        name = next(iter(config.options))
-        raise DiTCacheConfigError(f"options.{name}", config.options[name], "no options: backend 'native' has none")
-    # Scheduled strategies decide without measuring: no front block, the whole chain is forecast.
-    front, back = (config.front_blocks, config.back_blocks) if spec.native.measured else (0, 0)
+    options = validate_options(spec.name, "native", spec.native.options, config.options)
+    method = _method_class(spec.native.method) if spec.native.method else None
+    if method is not None:
+        options = method.prepare_options(options, model_class)
+    verify, skip_call = options.get("verify"), bool(options.get("skip_call", False))
+    if skip_call and (spec.native.measured or verify is not None or (method and not method.decides_before_call)):
+        raise DiTCacheConfigError(
+            "options.skip_call", True, f"false for strategy {spec.name!r}" + (" with options.verify" if verify else ""),
+            hint="a whole call can be skipped only when the decision is known before it (taylorseer, magcache, "
+                 "easycache); front blocks, a verified forecaster or teacache's modulated input need the call to run")
+    # Without a measure on the front blocks nothing runs before the decision and the whole chain is
+    # approximated; a verified forecaster needs one front block to check its forecast against.
+    front, back = (config.front_blocks, config.back_blocks) if spec.native.measured else (1 if verify else 0, 0)
     check_block_counts(front, back, total)
-    return RunPlan(config, enabled=True, layout=ChainLayout(lists, front, back), rules=StepRules(config),
+    rules = _Calibrating(config) if options.get("calibrate") else StepRules(config)
+    return RunPlan(config, enabled=True, layout=ChainLayout(lists, front, back), rules=rules,
                    measured=spec.native.measured, forecast_order=config.taylorseer_order,
-                   separate_cfg=config.separate_cfg is not False)  # "auto" -> separate: always correct
+                   separate_cfg=config.separate_cfg is not False,  # "auto" -> separate: always correct
+                   method=method, options=options, verify=verify, skip_call=skip_call)
+
+
+class _Calibrating(StepRules):
+    """``options.calibrate``: every step computes, so the strategy's statistic sees an uncached run."""
+
+    def must_compute(self, step: int) -> str | None:
+        return "calibrate"
+
+
+def _method_class(path: str) -> type[Method]:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
 def _check_one_layout(groups: list[Group]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -77,10 +78,15 @@ class BranchCache(BranchCounters):
 
     decision_residual: torch.Tensor | None = None  # front-block residual at the last computed step
     segments: dict[int, tuple[ResidualHistory, ResidualHistory | None]] = field(default_factory=dict)
+    method: Any = None  # the strategy's own statistic and state (adapters/native/method.py), if any
+    front: ResidualHistory | None = None  # verified forecaster: the front residual over computed steps
+    output: Any = None  # whole-call skipping: the call's output over computed steps (wholecall.CallOutput)
 
     def nbytes(self) -> int:
         histories = [h for pair in self.segments.values() for h in pair if h is not None]
-        return tensor_bytes(self.decision_residual) + sum(h.nbytes() for h in histories)
+        histories += [h for h in (self.front, self.output.history if self.output else None) if h is not None]
+        method = self.method.nbytes() if self.method is not None else 0
+        return tensor_bytes(self.decision_residual) + sum(h.nbytes() for h in histories) + method
 
     def has_cache(self, segments: int, measured: bool) -> bool:
         """Every segment has a residual (and, when measured, there is a decision residual)."""
@@ -90,4 +96,5 @@ class BranchCache(BranchCounters):
         if not cached and key != self.key:  # new shapes: tensors made for the old ones must go
             self.decision_residual = None
             self.segments.clear()
+            self.front = self.output = None
         super().record(cached, key)

@@ -1,0 +1,143 @@
+"""TeaCache's statistic for the native engine (strategy ``teacache``; see phyai_cache/strategies/teacache.py).
+
+TeaCache (Liu et al. 2025) uses the *timestep-embedding-modulated input* ``m_t`` of the first block as
+a cheap proxy for how much the output changes: ``x_t = mean|m_t - m_(t-1)| / mean|m_(t-1)|`` between
+consecutive steps, rescaled by a polynomial ``p`` fitted per model (output change as a function of
+``x``), accumulated over the streak, ``acc += |p(x_t)|``; the step reuses the cache while
+``acc < threshold``, and every computed step resets ``acc``.
+
+``m_t`` (``options.probe``): ``"modulated"`` calls the first block's adaptive norm (``norm1``, or
+``norm`` for single-stream blocks) with the block's own hidden input and its ``temb`` argument, as
+TeaCache's per-model code does for FLUX, HunyuanVideo and others (one extra norm and modulation
+linear per step, nothing else); ``"input"`` uses the chain's hidden input itself (any model, no
+timestep modulation); ``"auto"`` (default) is ``"modulated"`` where the first block has such a norm
+and a ``temb`` argument, else ``"input"``.
+
+``options.coefficients`` is ``p`` (highest degree first, ``numpy.poly1d`` order); without it ``p`` is
+the identity (the raw input change). ``phyai-cache calibrate --strategy teacache`` fits it on the
+user's own pipeline from (input change, output change) pairs of an uncached run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ...decision import Decision
+from ...errors import CacheStateError
+from ...runtime import RunState
+from .method import Method, StepInputs, mean_abs
+
+IDENTITY = (1.0, 0.0)
+
+
+class TeaCacheMethod(Method):
+    """The previous modulated input and the accumulated rescaled change of one branch."""
+
+    def __init__(self, options: Mapping[str, Any], run: RunState) -> None:
+        super().__init__(options, run)
+        self.coefficients = tuple(options.get("coefficients") or IDENTITY)
+        self.probe = options.get("probe", "auto")
+        self.previous: torch.Tensor | None = None  # m at the previous step
+        self.previous_output: torch.Tensor | None = None  # calibration: the previous step's chain output
+        self.accumulated = 0.0
+        self.candidate: float | None = None
+
+    # -- the modulated input -------------------------------------------------------------------
+
+    def modulated(self, inputs: StepInputs) -> torch.Tensor:
+        if "modulated" not in inputs.cache:
+            inputs.cache["modulated"] = self._probe(inputs)
+        return inputs.cache["modulated"]
+
+    def _probe(self, inputs: StepInputs) -> torch.Tensor:
+        if self.probe == "input":
+            return inputs.hidden
+        norm, temb = _adaptive_norm(inputs)
+        if norm is None:
+            if self.probe == "modulated":
+                block = type(inputs.first_block).__name__ if inputs.first_block is not None else "none"
+                raise CacheStateError(
+                    f"teacache options.probe 'modulated' needs a first block with an adaptive norm (norm1 or norm) "
+                    f"and a temb argument; the first block is {block}. Use options.probe 'input' (or 'auto')")
+            return inputs.hidden
+        # The chain input is the first block's hidden input: modulate this branch's rows of it.
+        output = norm(inputs.hidden, emb=inputs.rows_of(temb))
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    # -- the decision ----------------------------------------------------------------------------
+
+    def gap(self, inputs: StepInputs) -> str | None:
+        previous = self.previous
+        if previous is None or previous.shape != self.modulated(inputs).shape:
+            return "no_previous"
+        return None
+
+    def measure(self, inputs: StepInputs) -> float:
+        change = self._change(inputs)
+        rescaled = abs(_poly(self.coefficients, change))
+        self.candidate = self.accumulated + rescaled
+        return self.candidate
+
+    def _change(self, inputs: StepInputs) -> float:
+        if "input_change" not in inputs.call.measures:
+            current = self.modulated(inputs)
+            ratio = mean_abs(current - self.previous) / mean_abs(self.previous).clamp_min(1e-12)
+            inputs.call.measures["input_change"] = float(ratio.item())
+        return inputs.call.measures["input_change"]
+
+    def committed(self, inputs: StepInputs, decision: Decision) -> None:
+        if decision.cached:
+            if self.candidate is None:  # followed another branch: its own change still accumulates
+                self.candidate = self.measure(inputs) if self.gap(inputs) is None else self.accumulated
+            self.accumulated = self.candidate
+        else:
+            self.accumulated = 0.0
+            if self.calibrating and self.gap(inputs) is None:
+                self._change(inputs)  # the x of the (x, y) pairs the polynomial is fitted on
+        self.candidate = None
+        self.previous = self.modulated(inputs)
+
+    def computed(self, inputs: StepInputs, output: torch.Tensor) -> None:
+        if not self.calibrating:
+            return
+        previous = self.previous_output
+        if previous is not None and previous.shape == output.shape:
+            ratio = mean_abs(output - previous) / mean_abs(previous).clamp_min(1e-12)
+            inputs.call.measures["output_change"] = float(ratio.item())
+        self.previous_output = output
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.previous, self.previous_output]
+
+
+def _poly(coefficients: tuple[float, ...], x: float) -> float:
+    value = 0.0
+    for c in coefficients:  # Horner, highest degree first (numpy.poly1d order)
+        value = value * x + c
+    return value
+
+
+def _adaptive_norm(inputs: StepInputs) -> tuple[Any, Any]:
+    block = inputs.first_block
+    if block is None:
+        return None, None
+    temb = inputs.block_argument("temb")
+    if not isinstance(temb, torch.Tensor):
+        return None, None
+    for name in ("norm1", "norm"):
+        norm = getattr(block, name, None)
+        if isinstance(norm, torch.nn.Module) and "emb" in _parameters(norm):
+            return norm, temb
+    return None, None
+
+
+def _parameters(module: torch.nn.Module) -> tuple[str, ...]:
+    import inspect
+
+    try:
+        return tuple(inspect.signature(type(module).forward).parameters)
+    except (TypeError, ValueError):
+        return ()

@@ -1,0 +1,97 @@
+"""Whole-call skipping for the native engine (``options.skip_call``).
+
+Strategies that decide without any block (taylorseer's schedule, MagCache's calibrated ratios,
+EasyCache's rate on the call's input) know a step's decision before the transformer is called. A
+cached step then returns a forecast of the call's *output* (TaylorSeer of order ``taylorseer_order``
+over the outputs of the branch's computed steps) and runs nothing of the model: no patch or text
+embedding, no timestep embedding or RoPE table, no block, no output norm or projection, which the
+block-level form still runs on every step. The decision goes through the same sequence and the same
+per-branch state (``decide`` and the engine's ``_commit``), and a computed step runs every block
+(counted like any computed step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...decision import cache_gap, cache_key, decide
+from ...errors import CacheStateError
+from ...runtime import CallInfo
+from .method import StepInputs
+from .policy import ResidualHistory
+
+if TYPE_CHECKING:
+    from .chain import ChainInstallation
+
+
+@dataclass
+class CallOutput:
+    """The call's output over computed steps, and how to rebuild the container the model returns
+    (tensor, tuple or output dataclass) around a forecast."""
+
+    history: ResidualHistory
+    rebuild: Callable[[torch.Tensor], Any]
+
+
+def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """The sample tensor of a transformer output, and how to put another tensor in its place."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda tensor: tensor
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        rest = output[1:]
+        return output[0], lambda tensor: (tensor, *rest)
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor) and dataclasses.is_dataclass(output):
+        return sample, lambda tensor: dataclasses.replace(output, sample=tensor)
+    raise CacheStateError(f"options.skip_call cannot forecast a transformer output of type {type(output).__name__}: "
+                          "it needs a tensor, a tuple starting with one, or an output dataclass with .sample")
+
+
+def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, args: tuple,
+                   kwargs: dict[str, Any]) -> Any:
+    """Decide ``call`` before running it; return the forecast output (cached) or run it (computed)."""
+    from .chain import Group
+
+    state = engine.runs[call.run]
+    plan = state.plan
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor):
+        raise CacheStateError("options.skip_call needs the transformer call's hidden states (a hidden_states "
+                              "keyword or the first positional argument)")
+    cache = engine._branch_cache(state, call)
+    group = Group(call, state, cache, chain_input=hidden, key=cache_key(hidden, kwargs.get("encoder_hidden_states")))
+    method = cache.method
+    if method is not None:
+        group.inputs = StepInputs(call, hidden)
+    gap = cache_gap(group.key, cache.key, cache.output is not None)
+    if gap is None and method is not None:
+        gap = method.gap(group.inputs)
+    measure = None if method is None else functools.partial(method.measure, group.inputs)
+    decision = decide(call.step, call.branch, plan.rules, cache, state.shared, group.key, gap=gap,
+                      measure=measure, commit=False)
+    engine._commit(group, decision)
+    if decision.cached:
+        call.skipped_call = True
+        forecast = cache.output.history.predict(call.step)
+        if any(forecast is factor for factor in cache.output.history.factors):
+            forecast = forecast.clone()  # plain reuse: the caller must not get (and mutate) our copy
+        return cache.output.rebuild(forecast)
+    call.scratch = decision  # the block wrappers see a decided call: they run (and count) every block
+    output = original(*args, **kwargs)
+    tensor, rebuild = split_output(output)
+    if cache.output is None:
+        cache.output = CallOutput(ResidualHistory(plan.forecast_order), rebuild)
+    # A copy: the pipeline owns the output and may change it in place (a cached tensor changed
+    # behind the cache's back is how SGLang #33827 corrupted images).
+    cache.output.history.update(call.step, tensor.detach().clone())
+    cache.output.rebuild = rebuild
+    if method is not None:
+        method.computed(group.inputs, tensor)
+    call.run.note_cache_bytes(state.nbytes())
+    return output

@@ -1,0 +1,168 @@
+"""diffusers' SeaCache and TextKVCache behind the unified config."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from phyai_cache import CacheStateError, DiTCacheConfigError, enable_dit_cache
+from phyai_cache.adapters.diffusers.seacache import raw_vision
+from phyai_cache.bench import psnr
+from phyai_cache.reference import call_kwargs, latents_to_images, load_pipeline
+from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache.versions import feature_available, installed_version
+
+pytestmark = pytest.mark.skipif(not feature_available("diffusers", "seacache", installed_version("diffusers")),
+                                reason="needs diffusers with SeaCache and TextKVCache")
+ON = {"enabled": True, "backend": "diffusers"}
+
+
+# -- seacache ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["flux", "qwenimage", "wan"])
+def test_seacache_caches_on_image_and_video_models(family):
+    tiny = build_tiny_pipeline(family)
+    plain = tiny.run(num_inference_steps=8)
+    handle = enable_dit_cache(tiny.pipe, **ON, strategy="seacache", threshold=10.0, warmup_steps=2,
+                              max_consecutive_cached=3)
+    output = tiny.run(num_inference_steps=8)
+    stats = handle.last_run
+    # diffusers' SeaCache caches nothing without the step/sigma context or the latents: it "fails open"
+    assert stats.steps_cached > 0, family
+    assert [r.reason for r in stats.records[:2]] == ["warmup", "warmup"]
+    assert all(r.blocks_computed == 0 for r in stats.records if r.decision == "cached")
+    assert all(r.blocks_computed > 0 for r in stats.records if r.decision == "computed")
+    streak = longest = 0
+    for record in stats.records:
+        streak = streak + 1 if record.decision == "cached" else 0
+        longest = max(longest, streak)
+    assert longest <= 3
+    handle.disable()
+    assert torch.equal(tiny.run(num_inference_steps=8), plain)
+    assert output.shape == plain.shape
+
+
+def test_seacache_threshold_zero_is_bit_identical_and_each_cached_step_is_below_the_threshold():
+    pipe = load_pipeline()
+    with torch.no_grad():
+        uncached = pipe(**call_kwargs([0, 5], num_inference_steps=20, seed=2)).images
+    handle = enable_dit_cache(pipe, **ON, strategy="seacache", threshold=0.0)
+    with torch.no_grad():
+        same = pipe(**call_kwargs([0, 5], num_inference_steps=20, seed=2)).images
+    assert handle.last_run.steps_cached == 0 and torch.equal(same, uncached)
+    handle.disable()
+    handle = enable_dit_cache(pipe, **ON, strategy="seacache", threshold=0.2, active_steps=[0, 16])
+    with torch.no_grad():
+        cached = pipe(**call_kwargs([0, 5], num_inference_steps=20, seed=2)).images
+    stats = handle.last_run
+    handle.disable()
+    assert stats.steps_cached > 0
+    assert all(r.diff < 0.2 for r in stats.records if r.decision == "cached")
+    assert all(r.decision == "computed" for r in stats.records[16:])  # active_steps end -> cache_end_steps
+    assert psnr(latents_to_images(cached), latents_to_images(uncached)) > 35
+
+
+def test_raw_vision_reads_packed_and_unpacked_latents():
+    grid = torch.randn(2, 3, 4, 5)  # (B, C, H, W)
+    packed = grid.permute(0, 2, 3, 1).reshape(2, 20, 3)
+    rows, columns = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    ids = torch.stack([torch.zeros(20), rows.flatten().float(), columns.flatten().float()], dim=1)
+    for kwargs in ({"hidden_states": packed, "img_ids": ids}, {"hidden_states": packed, "img_shapes": [(1, 4, 5)] * 2}):
+        vision = raw_vision(None, (), kwargs)
+        assert len(vision) == 2 and all(torch.equal(v[:, 0], g) for v, g in zip(vision, grid))
+    assert torch.equal(raw_vision(None, (grid,), {})[1][:, 0], grid[1])
+    video = torch.randn(2, 3, 2, 4, 5)
+    assert torch.equal(raw_vision(None, (), {"hidden_states": video})[0], video[0])
+    assert raw_vision(None, (), {"hidden_states": packed}) is None  # no layout: SeaCache runs in full
+
+
+def test_seacache_needs_the_step_count_in_a_custom_loop():
+    tiny = build_tiny_pipeline("flux")
+    handle = enable_dit_cache(tiny.transformer, **ON, strategy="seacache")
+    with pytest.raises(CacheStateError, match="num_inference_steps"):
+        with handle.run():
+            pass
+    handle.disable()
+
+
+@pytest.mark.parametrize("settings, field, message", [
+    (dict(strategy="seacache", separate_cfg=False), "separate_cfg", "per CFG branch"),
+    (dict(strategy="seacache", taylorseer_order=2), "taylorseer_order", "0 or 1"),
+    (dict(strategy="seacache", options={"power_exp": 0}), "options.power_exp", "> 0"),
+    (dict(strategy="seacache", options={"raw_vision_callback": "mine"}), "options.raw_vision_callback",
+     "phyai_cache supplies it"),
+    (dict(strategy="seacache", options={"retention_steps": 3}), "options.retention_steps", "warmup_steps"),
+    (dict(strategy="textkv", options={"foo": 1}), "options.foo", "no options"),
+    (dict(strategy="textkv"), "target", "NucleusMoEImageTransformerBlock"),
+])
+def test_bad_settings_are_refused_before_anything_changes(flux, settings, field, message):
+    before = dict(vars(flux.transformer))
+    with pytest.raises(DiTCacheConfigError, match=message) as info:
+        enable_dit_cache(flux.pipe, **ON, **settings)
+    assert info.value.field == field
+    assert dict(vars(flux.transformer)) == before
+
+
+# -- textkv --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nucleus():
+    from diffusers import NucleusMoEImageTransformer2DModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return NucleusMoEImageTransformer2DModel(
+            patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6), moe_enabled=False).eval()
+
+
+def _nucleus_loop(model, handle=None, steps=3):
+    x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = {"cond": torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1)),
+               "uncond": torch.zeros(2, 5, 32)}
+    outputs = []
+    run = handle.run(num_inference_steps=steps) if handle is not None else contextlib.nullcontext()
+    with run, torch.no_grad():
+        for i in range(steps):
+            for branch, prompt in prompts.items():
+                scope = handle.branch(branch) if handle is not None else contextlib.nullcontext()
+                with scope:
+                    outputs.append(model(hidden_states=x, img_shapes=[(1, 4, 4)] * 2, encoder_hidden_states=prompt,
+                                         timestep=torch.full((2,), 1 - i / steps), return_dict=False)[0])
+    return outputs
+
+
+def test_textkv_is_exact_and_projects_each_prompts_text_once(nucleus):
+    uncached = _nucleus_loop(nucleus)
+    projections = []
+    hook = nucleus.transformer_blocks[0].attn.add_k_proj.register_forward_hook(lambda *_: projections.append(1))
+    handle = enable_dit_cache(nucleus, **ON, strategy="textkv")
+    try:
+        cached = _nucleus_loop(nucleus, handle, steps=3)
+    finally:
+        hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(uncached, cached))
+    assert len(projections) == 2  # once per branch's prompt, not once per call (6 calls)
+    stats = handle.last_run
+    assert [(r.decision, r.reason) for r in stats.records] == [("computed", "exact")] * 6
+    handle.disable()
+    assert "_phyai_cache_handle" not in vars(nucleus)
+    again = _nucleus_loop(nucleus)
+    assert all(torch.equal(a, b) for a, b in zip(uncached, again))
+
+
+def test_textkv_state_does_not_leak_into_the_next_run(nucleus):
+    handle = enable_dit_cache(nucleus, **ON, strategy="textkv")
+    _nucleus_loop(nucleus, handle, steps=2)
+    projections = []
+    hook = nucleus.transformer_blocks[0].attn.add_k_proj.register_forward_hook(lambda *_: projections.append(1))
+    try:
+        _nucleus_loop(nucleus, handle, steps=2)
+    finally:
+        hook.remove()
+    assert len(projections) == 2  # a new run computes its prompts' K/V again
+    handle.disable()
