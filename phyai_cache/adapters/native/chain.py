@@ -228,6 +228,8 @@ class ChainInstallation(Installation):
                 "options.skip_call", True, "false for a served request",
                 hint="a step-level batch runs one transformer call for several requests, so no request can skip "
                      "the call; serve it with block-level caching (the same strategy without skip_call)")
+        if plan.method is not None:
+            plan.method.check_run(plan.options, run)
         self.runs.open(run, NativeRunState(plan, SharedDecisions(enabled=not plan.separate_cfg)))
 
     def end_run(self, run: RunState) -> None:
