@@ -18,6 +18,13 @@ STRATEGIES = {
     "dbcache": dict(strategy="dbcache", front_blocks=1, back_blocks=1, threshold=10.0, warmup_steps=1),
     "taylorseer": dict(strategy="taylorseer", cache_interval=2, warmup_steps=1, taylorseer_order=2),
     "masked": dict(strategy="fbcache", threshold=10.0, warmup_steps=0, compute_mask="110101"),
+    "magcache": dict(strategy="magcache", threshold=10.0, warmup_steps=1, options={"mag_ratios": [1.0, 0.95]}),
+    "magcache+skip_call": dict(strategy="magcache", threshold=10.0, warmup_steps=1,
+                               options={"mag_ratios": [1.0], "skip_call": True}),
+    "easycache": dict(strategy="easycache", threshold=10.0, warmup_steps=1),
+    "teacache": dict(strategy="teacache", threshold=10.0, warmup_steps=1),
+    "taylorseer+skip_call": dict(strategy="taylorseer", cache_interval=2, warmup_steps=1, options={"skip_call": True}),
+    "taylorseer+verify": dict(strategy="taylorseer", cache_interval=2, warmup_steps=1, options={"verify": 100.0}),
 }
 
 

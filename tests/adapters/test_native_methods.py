@@ -90,9 +90,16 @@ def test_magcache_needs_ratios_except_for_flux(toy, flux):
 
 def test_magcache_needs_the_runs_step_count(toy):
     handle = enable_dit_cache(toy, **ON, strategy="magcache", blocks="layers", options={"mag_ratios": [1.0, 0.9]})
+    calls = []
+    hook = toy.proj_in.register_forward_pre_hook(lambda *_: calls.append(1))
     with pytest.raises(CacheStateError, match="num_inference_steps"):
         with handle.run(), torch.no_grad():
             toy(torch.randn(1, 16, 8), torch.ones(1), torch.randn(1, 16))
+    hook.remove()
+    assert calls == []  # refused when the run starts, before the model runs
+    with pytest.raises(CacheStateError, match="open_request"):
+        handle.open_request(dict(**ON, strategy="magcache", options={"mag_ratios": [1.0]}))
+    assert handle.open_requests == []
 
 
 def test_magcache_ratios_per_step_count_and_interpolation():

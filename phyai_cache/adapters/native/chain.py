@@ -235,6 +235,8 @@ class ChainInstallation(Installation):
                 "options.skip_call", True, "false for a served request",
                 hint="a step-level batch runs one transformer call for several requests, so no request can skip "
                      "the call; serve it with block-level caching (the same strategy without skip_call)")
+        if plan.method is not None:
+            plan.method.check_run(plan.options, run)
         shared = (SharedDecisions(enabled=not plan.separate_cfg) if self.parallel is None
                   else self.parallel.shared_decisions(enabled=not plan.separate_cfg))
         self.runs.open(run, NativeRunState(plan, shared))
@@ -449,7 +451,11 @@ class ChainInstallation(Installation):
     def _verify(self, group: Group, tolerance: float) -> str | None:
         """The verified forecaster's check of a step about to be cached: the front blocks' residual,
         forecast from the computed steps like the skipped blocks' residuals are, against the residual
-        the front blocks really gave this step. Its relative L1 error is the step's estimated error."""
+        the front blocks really gave this step. Its relative L1 error is the step's estimated error.
+
+        The idea is SpeCa's (Liu et al. 2025, "Speculative Feature Caching": forecast, verify cheaply,
+        compute when the check fails). Here the check needs no extra block: it reuses the front
+        blocks' output that fbcache/dbcache compute anyway (taylorseer runs one front block for it)."""
         history = group.cache.front
         if history is None or not history.factors or history.factors[0].shape != group.residual.shape:
             return "no_forecast"

@@ -32,17 +32,21 @@ class MagCacheMethod(Method):
 
     def __init__(self, options: Mapping[str, Any], run: RunState) -> None:
         super().__init__(options, run)
-        steps = run.stats.num_inference_steps
+        self.check_run(options, run)
         self.ratios: list[float] = []
         if not self.calibrating:
-            if steps is None:
-                raise CacheStateError(
-                    "magcache needs the run's step count to place its calibrated ratios: call the pipeline with "
-                    "num_inference_steps, or use handle.run(num_inference_steps=N) in a custom loop")
-            self.ratios = ratios_for_steps(options["mag_ratios"], steps)
+            self.ratios = ratios_for_steps(options["mag_ratios"], run.stats.num_inference_steps)
         self.ratio, self.error = 1.0, 0.0
         self.candidate: tuple[float, float] | None = None
         self.previous_norms: torch.Tensor | None = None  # calibration: per-token norms of the last residual
+
+    @classmethod
+    def check_run(cls, options: Mapping[str, Any], run: RunState) -> None:
+        if run.stats.num_inference_steps is None and not options.get("calibrate"):
+            raise CacheStateError(
+                "magcache needs the run's step count to place its calibrated ratios: call the pipeline with "
+                "num_inference_steps, use handle.run(num_inference_steps=N) in a custom loop, or "
+                "handle.open_request(..., num_inference_steps=N) for a served request")
 
     @classmethod
     def prepare_options(cls, options: dict[str, Any], model_class: str | None) -> dict[str, Any]:

@@ -104,6 +104,10 @@ class Method:
         method cannot run with them (e.g. no calibration data)."""
         return options
 
+    @classmethod
+    def check_run(cls, options: Mapping[str, Any], run: RunState) -> None:
+        """Refuse a run the method cannot serve when it starts (before any transformer call)."""
+
     def gap(self, inputs: StepInputs) -> str | None:
         """Why this method cannot judge the step (the step then computes), or None."""
         return None
