@@ -37,6 +37,13 @@ KNOWN_FINDINGS: dict[tuple[str, str, str], str] = {
     # PAB reads the timestep from a `timestep` argument (or a pipeline); Cosmos3's is `vision_timesteps`,
     # so in a custom loop every call computes.
     ("cosmos3", "diffusers", "pab"): "enabled and ran, but cached no step",
+    # diffusers' SeaCache computes its indicator from the latents our layer reads per family; Flux2's
+    # and LTX's are read but the spectral indicator never falls below the threshold / is never formed.
+    ("flux2", "diffusers", "seacache"): "enabled and ran, but cached no step",
+    ("ltx", "diffusers", "seacache"): "enabled and ran, but cached no step",
+    # native TeaCache modulates the first block's input with its temb; Chroma's per-block modulation
+    # has another shape.
+    ("chroma", "native", "teacache"): "RuntimeError: The size of tensor a (32) must match the size of tensor b",
 }
 
 

@@ -1093,11 +1093,13 @@ HIT_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
     ("diffusers", "fastercache"): dict(options={"spatial_attention_timestep_skip_range": [-1, 1001]}),
     ("diffusers", "taylorseer"): dict(warmup_steps=1, cache_interval=2),
     ("diffusers", "magcache"): dict(threshold=10.0, warmup_steps=1, options={"mag_ratios": [1.0] * STEPS}),
+    ("native", "magcache"): dict(threshold=10.0, warmup_steps=1, options={"mag_ratios": [1.0] * STEPS}),
     ("cache_dit", "fbcache"): dict(threshold=0.95, warmup_steps=1),
     ("cache_dit", "dbcache"): dict(threshold=0.95, warmup_steps=1, front_blocks=1, back_blocks=1),
 }
 """Settings that make a random-weight model hit the cache within ``STEPS`` steps (random weights
-show little step-to-step redundancy). MagCache gets flat ratios: it needs calibrated ones per model.
+show little step-to-step redundancy), where they differ from the strategy's declared ``hit_settings``
+(used otherwise). MagCache gets flat ratios: it needs calibrated ones per model.
 Cache-DiT stays below threshold 1, where it would cache without measuring."""
 
 SERVED, REFUSED, FAILED = "served", "refused", "failed"
@@ -1185,7 +1187,10 @@ def _run_cell(fam: Family, transformer: torch.nn.Module, reference: list[torch.T
         return Cell(fam.name, backend, strategy, status, reason,
                     stats.steps_cached if stats else 0, stats.steps_total if stats else 0, short)
 
-    settings = dict(enabled=True, backend=backend, strategy=strategy, **HIT_SETTINGS.get((backend, strategy), {}))
+    from phyai_cache.strategies import get_strategy
+
+    hits = HIT_SETTINGS.get((backend, strategy), get_strategy(strategy).hit_settings)
+    settings = dict(enabled=True, backend=backend, strategy=strategy, **hits)
     try:
         handle = enable_dit_cache(transformer, blocks=fam.blocks, **settings)
     except PhyaiCacheError as error:
@@ -1274,7 +1279,8 @@ def _check_run(stats: Any) -> str | None:
         steps = [r.step for r in stats.records if r.branch == branch]
         if steps != list(range(STEPS)):
             return f"branch {branch!r} recorded steps {steps}, expected {list(range(STEPS))}"
-    if stats.steps_cached == 0:
+    # textkv is exact: it reuses the text stream's keys and values and never approximates a step.
+    if stats.steps_cached == 0 and {r.reason for r in stats.records} != {"exact"}:
         return "enabled and ran, but cached no step: " + ", ".join(sorted({r.reason for r in stats.records}))
     return None
 
