@@ -83,6 +83,9 @@ def _add_bench(subparsers: Any) -> None:
         description="Runs every available backend x strategy (a few thresholds/intervals each, plus the "
                     "shipped presets) against the uncached pipeline in interleaved pairs, and writes "
                     "bench.json, bench.md and PNG figures to --out.")
+    bench.add_argument("--model", choices=("reference", "video"), default="reference",
+                       help="reference: the digits image DiT (FluxPipeline); video: the moving-digits video DiT "
+                            "(WanPipeline, 8 frames per clip)")
     bench.add_argument("--steps", type=int, action="append", metavar="N",
                        help="denoising steps; repeat for several (default 20)")
     bench.add_argument("--batch-size", type=int, help="images per call (default 10; --quick: 4)")
@@ -104,6 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .figures import write_figures
+    from .models import model_title, workload_factory
     from .report import markdown, write_json
     from .runner import BenchOptions, run_bench
 
@@ -111,9 +115,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = _bench_options(args, BenchOptions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"bench: reference digits DiT, steps {list(options.steps)}, batch {options.batch_size}, "
+    print(f"bench: {model_title(args.model)}, steps {list(options.steps)}, batch {options.batch_size}, "
           f"{options.repeats} timed pair(s) per config{', CFG %g' % options.cfg_scale if options.cfg_scale else ''}")
-    report = run_bench(options, progress=ProgressBar())
+    model = {} if args.model == "reference" else {"workload_factory": workload_factory(args.model)}
+    report = run_bench(options, progress=ProgressBar(), **model)
     command = _command_line(args)
     write_json(report, out / "bench.json", {"command": command})
     table = markdown(report)
@@ -343,7 +348,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _is_default(command: str, key: str, value: Any) -> bool:
-    defaults = {"bench": {"out": DEFAULT_OUT, "threads": 1},
+    defaults = {"bench": {"out": DEFAULT_OUT, "threads": 1, "model": "reference"},
                 "calibrate": {"seeds": "100", "batch_size": 10, "threads": 1},
                 "tune": {"backend": "auto", "batch_size": 10, "calibration_seeds": "0,1",
                          "heldout_seeds": "10,11,12", "iterations": 6, "timing_pairs": 3, "threads": 1, "margin": 0.0,

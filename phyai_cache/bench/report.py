@@ -15,6 +15,9 @@ from .runner import Baseline, BenchReport, BenchRow
 TIERS_DB = (("quality", 40.0), ("balanced", 33.0), ("fast", 28.0))
 COLUMNS = ("config", "backend", "steps cached", "blocks computed", "ideal", "speedup", "latency",
            "PSNR", "SSIM", "agreement", "cache mem", "peak RSS", "note")
+METRIC_COLUMNS = {"temporal_psnr_db": "temporal PSNR", "motion_accuracy": "motion"}
+METRIC_NOTE = ("Temporal PSNR: consecutive frames of a clip against each other with the requested motion undone "
+               "(infinite on real clips); motion: share of frame pairs whose best-matching shift is the requested one.")
 
 
 def write_json(report: BenchReport, path: Path, extra: dict[str, Any] | None = None) -> Path:
@@ -80,17 +83,33 @@ def native_versus_anchors(rows: list[BenchRow], levels: tuple[float, ...] = ANCH
 
 
 def _table(baseline: Baseline, rows: list[BenchRow]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines.append(_line(["uncached", "-", "0", "all", "1.00x", "1.00x", _ms(baseline.latency_s), "inf", "1.000",
-                        _pct(baseline.agreement), "", "", "reference"]))
+    extra = list(baseline.metrics or {})  # the workload's own figures (video: temporal consistency)
+    columns = COLUMNS[:-1] + tuple(METRIC_COLUMNS.get(k, k) for k in extra) + COLUMNS[-1:]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines.append(_line(_with_metrics(["uncached", "-", "0", "all", "1.00x", "1.00x", _ms(baseline.latency_s), "inf",
+                                      "1.000", _pct(baseline.agreement), "", "", "reference"], baseline.metrics, extra)))
     for row in rows:
-        lines.append(_line(_cells(row)))
+        lines.append(_line(_with_metrics(_cells(row), row.get("workload_metrics"), extra)))
     lines.append("")
     lines.append("`*` = on the speedup/PSNR frontier (no other config is both faster and closer). "
                  "Speedup: median of interleaved uncached/cached pairs; ideal: blocks_total / blocks_computed. "
                  "Cache mem: tensors the cache held; peak RSS: the whole process (CPU), not a per-config cost.")
+    if extra:
+        lines.append(METRIC_NOTE)
     lines.append("")
     return "\n".join(lines)
+
+
+def _with_metrics(cells: list[str], metrics: dict[str, float] | None, names: list[str]) -> list[str]:
+    """Insert the workload's figures before the note column ("" where a row has none)."""
+    values = [_metric(name, (metrics or {}).get(name)) for name in names]
+    return cells[:-1] + values + cells[-1:]
+
+
+def _metric(name: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    return _db(value) if name.endswith("_db") else (_pct(value) if name.endswith("accuracy") else f"{value:.3g}")
 
 
 def _cells(row: BenchRow) -> list[str]:

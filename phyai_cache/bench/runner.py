@@ -44,6 +44,7 @@ MEASURED_FIELDS = (
     "steps_total", "steps_cached", "blocks_total", "blocks_computed", "compute_fraction",
     "peak_memory_bytes", "memory_kind", "cache_bytes",
     "psnr_db", "ssim", "max_abs", "agreement", "agreement_uncached", "same_class_as_uncached",
+    "workload_metrics",
 )
 Progress = Callable[[int, int, str], None]  # (runs done, runs total, what is running)
 WorkloadFactory = Callable[[int, int, "float | None"], Workload]  # (steps, batch_size, cfg_scale)
@@ -114,10 +115,11 @@ class Baseline:
     latency_s: float
     agreement: float | None
     sample: torch.Tensor | None = field(default=None, repr=False)
+    metrics: dict[str, float] | None = None  # Workload.metrics of the uncached output
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "latency_s": self.latency_s, "agreement": self.agreement,
-                "workload": self.workload}
+                "workload_metrics": _json_number(self.metrics), "workload": self.workload}
 
 
 @dataclass
@@ -234,6 +236,7 @@ def _measure_into(row: BenchRow, workload: Workload, plain: Any, references: dic
         **summarize_runs(runs),
         **quality(torch.cat(timing.cached_outputs), reference, workload.data_range,
                   workload.agreement, workload.classes),
+        "workload_metrics": workload.metrics(torch.cat(timing.cached_outputs)) if workload.metrics else None,
     }
     row.sample = timing.cached_outputs[0]
     if any(not torch.equal(out, references[s]) for out, s in zip(timing.plain_outputs, seeds)):
@@ -254,8 +257,9 @@ def _run_baseline(workload: Workload, plain: Any, seeds: Sequence[int],
         counter.tick()
     images = torch.cat([references[s] for s in seeds])
     agreement = workload.agreement(images) if workload.agreement is not None else None
+    metrics = workload.metrics(images) if workload.metrics is not None else None
     return Baseline(workload.steps, workload.details, statistics.median(latencies), agreement,
-                    references[seeds[0]]), references
+                    references[seeds[0]], metrics), references
 
 
 def mark_frontier(rows: Sequence[BenchRow]) -> None:
@@ -311,4 +315,6 @@ def _json_number(value: Any) -> Any:
         return None
     if isinstance(value, list):
         return [_json_number(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_number(v) for k, v in value.items()}
     return value

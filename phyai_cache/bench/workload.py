@@ -25,6 +25,8 @@ class Workload:
     ``agreement(images, num_seeds)`` and ``classes(images)`` are optional: the reference model
     scores images with its digit classifier; other pipelines may have nothing comparable.
     ``data_range`` None means "the uncached output's peak-to-peak range" (latents of unknown scale).
+    ``metrics(images)`` optionally adds named figures of the workload's own (the video model's
+    temporal consistency); the bench records them for the uncached and every cached output.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Workload:
     data_range: float | None = 1.0
     agreement: Callable[[torch.Tensor], float] | None = None
     classes: Callable[[torch.Tensor], torch.Tensor] | None = None
+    metrics: Callable[[torch.Tensor], dict[str, float]] | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
 

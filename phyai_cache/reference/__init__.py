@@ -12,7 +12,11 @@ Typical use::
     images = generate(pipe, labels=list(range(10)), num_inference_steps=20, seed=0)
     print(agreement(images, list(range(10))))
 
-See ``docs/reference-model.md`` for how it was trained and what it measures.
+The video reference model (a tiny trained Wan DiT drawing moving digits, a stock
+``WanPipeline``) lives in :mod:`phyai_cache.reference.video`: ``load_video_pipeline``,
+``generate_video``, ``clip_quality``.
+
+See ``docs/reference-model.md`` for how both were trained and what they measure.
 """
 
 from .assets import WEIGHTS_DIR, load_metadata
@@ -30,6 +34,7 @@ from .pipeline import (
     load_transformer,
     negative_embeddings,
 )
+from .video import clip_quality, generate_video, load_video_pipeline, video_call_kwargs
 
 __all__ = [
     "IMAGE_SIZE",
@@ -41,14 +46,18 @@ __all__ = [
     "call_kwargs",
     "class_embeddings",
     "classify",
+    "clip_quality",
     "generate",
+    "generate_video",
     "latent_image_ids",
     "latents_to_images",
     "load_classifier",
     "load_metadata",
     "load_pipeline",
     "load_transformer",
+    "load_video_pipeline",
     "negative_embeddings",
     "pack_latents",
     "unpack_latents",
+    "video_call_kwargs",
 ]

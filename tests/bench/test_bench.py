@@ -18,6 +18,7 @@ ROW_FIELDS = {
     "latency_uncached_s", "latency_cached_s", "speedup", "speedup_pairs", "ideal_speedup", "steps_total",
     "steps_cached", "blocks_total", "blocks_computed", "compute_fraction", "peak_memory_bytes", "memory_kind",
     "cache_bytes", "psnr_db", "ssim", "max_abs", "agreement", "agreement_uncached", "same_class_as_uncached",
+    "workload_metrics",
 }
 TOP_FIELDS = {"schema", "created", "elapsed_s", "environment", "options", "baselines", "skipped", "rows"}
 
