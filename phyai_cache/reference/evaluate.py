@@ -102,15 +102,20 @@ def residual_change(
 def save_grid(pipe: FluxPipeline, path: Path, seeds: Sequence[int] = range(6), num_inference_steps: int = 20,
               scale: int = 6, gap: int = 2) -> None:
     """PNG grid: one column per digit, one row per seed, nearest-neighbour upscaled."""
+    write_tile_grid([generate(pipe, DIGITS, num_inference_steps, seed) for seed in seeds], path, scale, gap)
+
+
+def write_tile_grid(rows: Sequence[Sequence[torch.Tensor]], path: Path, scale: int, gap: int) -> None:
+    """PNG of ``rows`` of (1, H, W) images in [0, 1] on a grey canvas, nearest-neighbour upscaled."""
     from PIL import Image  # Pillow ships with diffusers; imported lazily as only this needs it
 
-    rows = [generate(pipe, DIGITS, num_inference_steps, seed) for seed in seeds]
-    cell = 16 * scale + gap
-    canvas = Image.new("L", (len(DIGITS) * cell + gap, len(rows) * cell + gap), color=128)
+    size = rows[0][0].shape[-1] * scale
+    cell = size + gap
+    canvas = Image.new("L", (len(rows[0]) * cell + gap, len(rows) * cell + gap), color=128)
     for r, images in enumerate(rows):
         for c, image in enumerate(images):
             tile = Image.fromarray((image[0].numpy() * 255).round().astype("uint8"))
-            canvas.paste(tile.resize((16 * scale, 16 * scale), Image.NEAREST), (gap + c * cell, gap + r * cell))
+            canvas.paste(tile.resize((size, size), Image.NEAREST), (gap + c * cell, gap + r * cell))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

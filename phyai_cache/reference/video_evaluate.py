@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .classifier import load_classifier
+from .evaluate import write_tile_grid
 from .video import (
     NUM_CLASSES,
     clip_quality,
@@ -79,18 +80,8 @@ def residual_change(pipe: Any, num_inference_steps: int = 20, seeds: Sequence[in
 def save_grid(pipe: Any, path: Path, seed: int = 0, num_inference_steps: int = 20, scale: int = 4,
               gap: int = 2) -> None:
     """PNG: one row per digit (0 to 9, default motions), one column per frame, nearest-neighbour upscaled."""
-    from PIL import Image
-
     clips = generate_video(pipe, DIGITS, default_motions(len(DIGITS)), num_inference_steps, seed)
-    size = clips.shape[-1] * scale
-    cell = size + gap
-    canvas = Image.new("L", (clips.shape[1] * cell + gap, len(clips) * cell + gap), color=128)
-    for r, clip in enumerate(clips):
-        for c, frame in enumerate(clip):
-            tile = Image.fromarray((frame[0].numpy() * 255).round().astype("uint8"))
-            canvas.paste(tile.resize((size, size), Image.NEAREST), (gap + c * cell, gap + r * cell))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    write_tile_grid(list(clips), path, scale, gap)
 
 
 def main() -> None:
