@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 
@@ -15,15 +17,20 @@ def _stats() -> RunStats:
 def test_cpu_peak_is_the_sampled_resident_set():
     clock = RunClock(torch.device("cpu"))
     before = current_rss_bytes()
-    # 64 MiB: above glibc's largest mmap threshold, so a fresh mapping that raises the RSS and is
-    # returned when freed; freed before the run ends, so only the sample inside the run sees it.
-    held = torch.ones(64, 2**20, dtype=torch.uint8)
+    # A fresh anonymous 64 MiB mapping, touched page by page: it raises the resident set whatever
+    # state the allocator is in (a torch tensor may reuse memory that is already resident after a
+    # long test session, which made this test flaky in CI), and it is returned when closed, before
+    # the run ends, so only the sample inside the run sees it.
+    held = mmap.mmap(-1, 64 * 2**20)
+    for offset in range(0, len(held), mmap.PAGESIZE):
+        held[offset] = 1
     clock.sample()
-    del held
+    held.close()
     stats = _stats()
     clock.stop(stats)
     assert stats.memory_kind == "cpu_rss_sampled" and stats.latency_s > 0
     assert stats.peak_memory_bytes >= before + 60 * 2**20
+    assert current_rss_bytes() < stats.peak_memory_bytes  # the mapping really went away
 
 
 class FakeDevice:
