@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ sys.path.insert(0, str(REPO))  # validate this checkout's phyai_cache, not which
 
 import phyai_cache  # noqa: E402
 from phyai_cache import GraphCaptureError, enable_dit_cache, list_presets  # noqa: E402
+from phyai_cache.bench.measure import interleaved_pairs  # noqa: E402
 from phyai_cache.config import preset_path  # noqa: E402
 from phyai_cache.bench import psnr  # noqa: E402
 from phyai_cache.testing.syncs import HostSyncCounter  # noqa: E402
@@ -148,20 +148,13 @@ def timed(ctx: Context, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def paired(ctx: Context, baseline: Callable[[], Any], candidate: Callable[[], Any], pairs: int) -> dict[str, Any]:
-    """speedup = median over interleaved pairs of t_baseline / t_candidate (who runs first alternates,
-    so drifts in clock or load hit both sides)."""
+    """speedup = median over interleaved pairs of t_baseline / t_candidate: the bench's own
+    :func:`interleaved_pairs` (who runs first alternates, so drifts in clock or load hit both sides),
+    each run timed between device syncs."""
     baseline(), candidate()  # warm-up: allocator, kernels, autotuning, compilation
-    ratios, baseline_s, candidate_s = [], [], []
-    for index in range(pairs):
-        if index % 2 == 0:
-            t_baseline, t_candidate = timed(ctx, baseline)[0], timed(ctx, candidate)[0]
-        else:
-            t_candidate, t_baseline = timed(ctx, candidate)[0], timed(ctx, baseline)[0]
-        ratios.append(t_baseline / t_candidate)
-        baseline_s.append(t_baseline)
-        candidate_s.append(t_candidate)
-    return {"speedup": statistics.median(ratios), "ratios": ratios,
-            "baseline_ms": statistics.median(baseline_s) * 1e3, "candidate_ms": statistics.median(candidate_s) * 1e3}
+    timing = interleaved_pairs(lambda _seed: timed(ctx, baseline), lambda _seed: timed(ctx, candidate), range(pairs))
+    return {"speedup": timing.speedup, "ratios": timing.ratios,
+            "baseline_ms": timing.latency_plain_s * 1e3, "candidate_ms": timing.latency_cached_s * 1e3}
 
 
 def psnr_db(output: torch.Tensor, reference: torch.Tensor, data_range: float | None = None) -> float:

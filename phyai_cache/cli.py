@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from .cli_options import add_threads_option, apply_threads
 from .config import DiTCacheConfig, list_presets, load_config, preset_path
 from .errors import PhyaiCacheError
 
@@ -55,8 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=3, help="timed pairs (median ratio is reported)")
     demo.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     demo.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    demo.add_argument("--threads", type=int, default=1,
-                      help="torch CPU threads (default 1: on shared cores more threads make timings erratic)")
+    add_threads_option(demo)
     demo.set_defaults(func=cmd_demo)
 
     support = commands.add_parser("support", help="measure the DiT family x backend x strategy support table")
@@ -130,12 +130,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     from .bench.cli import ProgressBar
     from .bench.demo import demo_workload, run_demo
 
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     config = load_config(args.config, **_overrides(args.set))
     if not config.enabled:
         config = config.replace(enabled=True)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli_options import add_cfg_option, add_threads_option, apply_threads
+
 DEFAULT_OUT = "bench_out"
 
 
@@ -38,21 +40,19 @@ def _add_calibrate(subparsers: Any) -> None:
                            help="denoising steps; repeat for one calibration per step count (default 20)")
     calibrate.add_argument("--seeds", default="100", help="comma list of seeds, one run each per step count")
     calibrate.add_argument("--batch-size", type=int, default=10)
-    calibrate.add_argument("--cfg", type=float, default=None, metavar="SCALE", help="true CFG with this scale")
+    add_cfg_option(calibrate)
     calibrate.add_argument("--out", metavar="PATH", help="write the preset YAML here")
     calibrate.add_argument("--name", help="preset name (default: the --out file name)")
-    calibrate.add_argument("--threads", type=int, default=1)
+    add_threads_option(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import reference
     from ..calibration import calibrate
     from .workload import reference_workload
 
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     steps = args.steps or [20]
     workloads = [reference_workload(s, args.batch_size, args.cfg) for s in steps]
     print(f"calibrate {args.strategy}: reference digits DiT, steps {steps}, seeds {args.seeds}, "
@@ -89,8 +89,7 @@ def _add_bench(subparsers: Any) -> None:
     bench.add_argument("--steps", type=int, action="append", metavar="N",
                        help="denoising steps; repeat for several (default 20)")
     bench.add_argument("--batch-size", type=int, help="images per call (default 10; --quick: 4)")
-    bench.add_argument("--cfg", type=float, nargs="?", const=2.0, default=None, metavar="SCALE",
-                       help="true CFG with this scale (default off; --cfg alone means 2.0)")
+    add_cfg_option(bench)
     bench.add_argument("--repeats", type=int, help="timed pairs per config, one seed each (default 2; --quick: 1)")
     bench.add_argument("--quick", action="store_true", help="CI-sized run: a point or two per strategy, ~1 minute")
     bench.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT}/)")
@@ -98,20 +97,17 @@ def _add_bench(subparsers: Any) -> None:
     bench.add_argument("--strategies", action="append", metavar="NAMES", help="only these strategies (comma list)")
     bench.add_argument("--no-presets", action="store_true", help="do not add the shipped presets to the sweep")
     bench.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    bench.add_argument("--threads", type=int, default=1,
-                       help="torch CPU threads (default 1: on shared cores more threads make timings erratic)")
+    add_threads_option(bench)
     bench.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
     from .figures import write_figures
     from .models import model_title, workload_factory
     from .report import markdown, write_json
     from .runner import BenchOptions, run_bench
 
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     options = _bench_options(args, BenchOptions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +192,7 @@ def _add_tune(subparsers: Any) -> None:
     tune.add_argument("--steps", type=int, action="append", metavar="N",
                       help="denoising steps; repeat to require the target at each (default 20)")
     tune.add_argument("--batch-size", type=int, default=10)
-    tune.add_argument("--cfg", type=float, nargs="?", const=2.0, default=None, metavar="SCALE")
+    add_cfg_option(tune)
     # Disjoint from the bench's seeds (0, 1), so the bench's rows for a preset are out of sample.
     tune.add_argument("--calibration-seeds", default="100,101,102,103", metavar="LIST",
                       help="seeds the search measures PSNR on (default 100-103)")
@@ -214,7 +210,7 @@ def _add_tune(subparsers: Any) -> None:
     tune.add_argument("--out-dir", metavar="DIR", help="with --tiers: write the presets here")
     tune.add_argument("--prefix", metavar="NAME", help="with --tiers: preset name prefix (default: the strategy)")
     tune.add_argument("--json", metavar="PATH", help="also write the full result (with every config tried)")
-    tune.add_argument("--threads", type=int, default=1)
+    add_threads_option(tune)
     tune.set_defaults(func=cmd_tune)
 
 
@@ -226,13 +222,11 @@ TIER_TRADES = {
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import reference
     from .tune import tune_tiers
     from .workload import reference_workload
 
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     steps = args.steps or [20]
     workloads = {f"{s} steps": reference_workload(s, args.batch_size, args.cfg) for s in steps}
     first = next(iter(workloads.values()))

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..cli_options import add_cfg_option, add_threads_option, apply_threads
 from .trace import TIERS
 
 
@@ -38,22 +39,19 @@ def add_commands(subparsers: Any) -> None:
 def _trace_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests in the trace (default 48)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per request (default 20)")
-    parser.add_argument("--cfg", type=float, nargs="?", const=2.0, default=None, metavar="SCALE",
-                        help="true CFG, cond and uncond rows batched together (default off)")
+    add_cfg_option(parser, help="true CFG, cond and uncond rows batched together")
     parser.add_argument("--max-rows", type=int, default=16, help="rows per transformer call (default 16)")
     parser.add_argument("--tiers", default=",".join(TIERS), help=f"comma list of tiers (default {','.join(TIERS)})")
     parser.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    add_threads_option(parser)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import enable_dit_cache, reference
     from .engine import StepEngine
     from .trace import make_trace
 
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     pipe = reference.load_pipeline()
     handle = enable_dit_cache(pipe, enabled=True, backend="native", strategy="fbcache")
     trace = make_trace(args.requests, args.rate, args.seed, args.steps, args.cfg, _tiers(args.tiers))
@@ -79,12 +77,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serving(args: argparse.Namespace) -> int:
-    import torch
-
     from ..bench.cli import ProgressBar
     from .bench import ServingOptions, latency_figure, markdown, run_serving_bench, to_dict
 
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     options = ServingOptions(num_requests=args.requests, load=args.load, seed=args.seed, steps=args.steps,
                              cfg_scale=args.cfg, max_rows=args.max_rows, rounds=args.rounds,
                              tiers=_tiers(args.tiers))
