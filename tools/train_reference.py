@@ -23,13 +23,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import importlib.util
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from safetensors.torch import save_file
 
+from flow_training import fit, training_parser
 from phyai_cache.reference import assets
 from phyai_cache.reference.imaging import (
     downsample_images,
@@ -74,18 +73,8 @@ SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shif
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-    parser.add_argument("--seconds", type=float, default=600.0, help="wall-clock training budget")
-    parser.add_argument("--steps", type=int, default=None, help="optional step budget (stops at whichever comes first)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class (for CFG)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--log-every", type=int, default=50)
-    return parser.parse_args()
+    return training_parser(__doc__.split("\n\n")[0], out=DEFAULT_OUT, seconds=600.0, batch_size=32, log_every=50,
+                           label_dropout_help="probability of the null class (for CFG)").parse_args()
 
 
 def digits_file() -> Path:
@@ -114,13 +103,6 @@ def make_class_embeddings(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def learning_rate(base: float, step: int, progress: float) -> float:
-    """Short warm-up, flat, then linear decay over the last 30 % of the budget."""
-    warm = min(1.0, (step + 1) / 50)
-    decay = 1.0 if progress < 0.7 else max(0.05, (1.0 - progress) / 0.3)
-    return base * warm * decay
-
-
 def predict(model: FluxTransformer2DModel, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
             emb: dict[str, torch.Tensor], img_ids: torch.Tensor, txt_ids: torch.Tensor) -> torch.Tensor:
     """Velocity prediction with the exact inputs ``FluxPipeline`` uses (timestep in [0, 1])."""
@@ -143,67 +125,22 @@ def flow_loss(model, x0, labels, emb, img_ids, txt_ids, gen) -> torch.Tensor:
     return F.mse_loss(predict(model, x_t, t, labels, emb, img_ids, txt_ids), eps - x0)
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
-
-
 def train(args: argparse.Namespace, data: torch.Tensor, labels: torch.Tensor,
           emb: dict[str, torch.Tensor]) -> tuple[FluxTransformer2DModel, dict]:
     """Train until the time or step budget runs out; returns the EMA model and stats."""
     torch.manual_seed(args.seed)
     model = FluxTransformer2DModel(**TRANSFORMER_CONFIG).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed + 2)
     img_ids, txt_ids = latent_image_ids(), torch.zeros(TEXT_TOKENS, 3)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"transformer: {n_params / 1e6:.2f} M params; data {tuple(data.shape)}", flush=True)
 
-    losses, curve, step, start = [], [], 0, time.perf_counter()
-    perm, cursor = torch.randperm(len(data), generator=gen), 0
-    while True:
-        elapsed = time.perf_counter() - start
-        progress = elapsed / args.seconds
-        if args.steps:
-            progress = max(progress, step / args.steps)
-        if progress >= 1.0:
-            break
-        if cursor + args.batch_size > len(data):
-            perm, cursor = torch.randperm(len(data), generator=gen), 0
-        idx = perm[cursor:cursor + args.batch_size]
-        cursor += args.batch_size
+    def batch_loss(model: torch.nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         y = labels[idx].clone()
         y[torch.rand(len(y), generator=gen) < args.label_dropout] = NULL_CLASS
+        return flow_loss(model, data[idx], y, emb, img_ids, txt_ids, gen)
 
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(args.lr, step, progress)
-        loss = flow_loss(model, data[idx], y, emb, img_ids, txt_ids, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        step += 1
-        if step % args.log_every == 0:
-            window = float(np.mean(losses[-args.log_every:]))
-            curve.append([step, round(window, 4)])
-            lr = opt.param_groups[0]["lr"]
-            print(f"step {step:5d}  t={elapsed:6.0f}s  lr={lr:.2e}  loss={window:.4f}", flush=True)
-
-    seconds = time.perf_counter() - start
-    stats = {
-        "steps": step,
-        "seconds": round(seconds, 1),
-        "samples_seen": step * args.batch_size,
-        "final_loss": round(float(np.mean(losses[-100:])), 4),
-        "loss_curve": curve,
-        "ema_eval_loss": round(eval_loss(ema, data, labels, emb, img_ids, txt_ids), 4),
-        "params": n_params,
-    }
-    return ema, stats
+    return fit(args, model, len(data), batch_loss, final_window=100,
+               evaluate=lambda ema: eval_loss(ema, data, labels, emb, img_ids, txt_ids))
 
 
 @torch.no_grad()

@@ -29,15 +29,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
@@ -45,6 +42,7 @@ from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flow_training import fit, training_parser  # noqa: E402
 from train_reference import load_digits  # noqa: E402  (same data file, same reader)
 
 from phyai_cache.reference import video  # noqa: E402
@@ -86,19 +84,8 @@ SCHEDULER_CONFIG = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-    parser.add_argument("--seconds", type=float, default=1500.0, help="wall-clock training budget")
-    parser.add_argument("--steps", type=int, default=None, help="optional step budget (stops at whichever comes first)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--label-dropout", type=float, default=0.1,
-                        help="probability of the null digit and motion together (for CFG)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--log-every", type=int, default=25)
-    return parser.parse_args()
+    return training_parser(__doc__.split("\n\n")[0], out=DEFAULT_OUT, seconds=1500.0, batch_size=16, log_every=25,
+                           label_dropout_help="probability of the null digit and motion together (for CFG)").parse_args()
 
 
 def make_embeddings(seed: int) -> dict[str, torch.Tensor]:
@@ -108,13 +95,6 @@ def make_embeddings(seed: int) -> dict[str, torch.Tensor]:
         "digit_embeds": torch.randn(video.NUM_CLASSES + 1, video.DIGIT_TOKENS, video.TEXT_DIM, generator=gen),
         "motion_embeds": torch.randn(len(video.MOTIONS) + 1, video.MOTION_TOKENS, video.TEXT_DIM, generator=gen),
     }
-
-
-def learning_rate(base: float, step: int, progress: float) -> float:
-    """Short warm-up, flat, then linear decay over the last 30 % of the budget."""
-    warm = min(1.0, (step + 1) / 50)
-    decay = 1.0 if progress < 0.7 else max(0.05, (1.0 - progress) / 0.3)
-    return base * warm * decay
 
 
 def batch_clips(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
@@ -140,12 +120,6 @@ def flow_loss(model, x0, labels, motions, emb, gen) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
-
-
-@torch.no_grad()
 def eval_loss(model, images, labels, emb, n: int = 256) -> float:
     """Flow loss on a fixed set of (clip, sigma, eps), comparable across runs."""
     gen = torch.Generator().manual_seed(12345)
@@ -161,57 +135,18 @@ def train(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor,
           emb: dict[str, torch.Tensor]) -> tuple[WanTransformer3DModel, dict]:
     torch.manual_seed(args.seed)
     model = WanTransformer3DModel(**TRANSFORMER_CONFIG).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed + 2)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"transformer: {n_params / 1e6:.3f} M params; {len(images)} digits x {len(video.MOTIONS)} motions, "
           f"clips {video.NUM_FRAMES}x{video.FRAME_SIZE}x{video.FRAME_SIZE}", flush=True)
 
-    losses, curve, step, start = [], [], 0, time.perf_counter()
-    perm, cursor = torch.randperm(len(images), generator=gen), 0
-    while True:
-        elapsed = time.perf_counter() - start
-        progress = elapsed / args.seconds
-        if args.steps:
-            progress = max(progress, step / args.steps)
-        if progress >= 1.0:
-            break
-        if cursor + args.batch_size > len(images):
-            perm, cursor = torch.randperm(len(images), generator=gen), 0
-        idx = perm[cursor:cursor + args.batch_size]
-        cursor += args.batch_size
+    def batch_loss(model: torch.nn.Module, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x0, y, motions = batch_clips(images, labels, idx, gen)
         drop = torch.rand(len(y), generator=gen) < args.label_dropout
         y[drop], motions[drop] = video.NULL_CLASS, video.NULL_MOTION
+        return flow_loss(model, x0, y, motions, emb, gen)
 
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(args.lr, step, progress)
-        loss = flow_loss(model, x0, y, motions, emb, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        step += 1
-        if step % args.log_every == 0:
-            window = float(np.mean(losses[-args.log_every:]))
-            curve.append([step, round(window, 4)])
-            print(f"step {step:5d}  t={elapsed:6.0f}s  lr={opt.param_groups[0]['lr']:.2e}  loss={window:.4f}",
-                  flush=True)
-
-    seconds = time.perf_counter() - start
-    stats = {
-        "steps": step,
-        "seconds": round(seconds, 1),
-        "samples_seen": step * args.batch_size,
-        "final_loss": round(float(np.mean(losses[-50:])), 4),
-        "loss_curve": curve,
-        "ema_eval_loss": round(eval_loss(ema, images, labels, emb), 4),
-        "params": n_params,
-    }
-    return ema, stats
+    return fit(args, model, len(images), batch_loss, final_window=50,
+               evaluate=lambda ema: eval_loss(ema, images, labels, emb))
 
 
 def scheduler_config() -> dict:

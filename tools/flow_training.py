@@ -1,0 +1,103 @@
+"""The training loop the two reference-model trainers share.
+
+``tools/train_reference.py`` (image) and ``tools/train_video_reference.py`` (video) differ in their
+model, data and loss; everything else is here, once: the command-line options, the time or step
+budget, shuffled batches, learning-rate warm-up and decay, gradient clipping, the EMA copy that
+ships, and the loss log kept in the metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BatchLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]  # (model, indices, gen)
+
+
+def training_parser(description: str, *, out: Path, seconds: float, batch_size: int, log_every: int,
+                    label_dropout_help: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=out, help="output directory")
+    parser.add_argument("--seconds", type=float, default=seconds, help="wall-clock training budget")
+    parser.add_argument("--steps", type=int, default=None, help="optional step budget (stops at whichever comes first)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--label-dropout", type=float, default=0.1, help=label_dropout_help)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log-every", type=int, default=log_every)
+    return parser
+
+
+def learning_rate(base: float, step: int, progress: float) -> float:
+    """Short warm-up, flat, then linear decay over the last 30 % of the budget."""
+    warm = min(1.0, (step + 1) / 50)
+    decay = 1.0 if progress < 0.7 else max(0.05, (1.0 - progress) / 0.3)
+    return base * warm * decay
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def fit(args: argparse.Namespace, model: torch.nn.Module, num_items: int, batch_loss: BatchLoss,
+        evaluate: Callable[[torch.nn.Module], float], final_window: int) -> tuple[torch.nn.Module, dict]:
+    """Train ``model`` until the time or step budget runs out; returns the EMA model and its stats.
+
+    ``batch_loss(model, indices, gen)`` draws whatever else the batch needs from ``gen`` (label
+    dropout, noise, timesteps), so one seed fixes the whole run. ``final_window``: losses averaged
+    into ``final_loss``.
+    """
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+
+    losses, curve, step, start = [], [], 0, time.perf_counter()
+    perm, cursor = torch.randperm(num_items, generator=gen), 0
+    while True:
+        elapsed = time.perf_counter() - start
+        progress = elapsed / args.seconds
+        if args.steps:
+            progress = max(progress, step / args.steps)
+        if progress >= 1.0:
+            break
+        if cursor + args.batch_size > num_items:
+            perm, cursor = torch.randperm(num_items, generator=gen), 0
+        idx = perm[cursor:cursor + args.batch_size]
+        cursor += args.batch_size
+
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(args.lr, step, progress)
+        loss = batch_loss(model, idx, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        step += 1
+        if step % args.log_every == 0:
+            window = float(np.mean(losses[-args.log_every:]))
+            curve.append([step, round(window, 4)])
+            print(f"step {step:5d}  t={elapsed:6.0f}s  lr={opt.param_groups[0]['lr']:.2e}  loss={window:.4f}",
+                  flush=True)
+
+    stats = {
+        "steps": step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "samples_seen": step * args.batch_size,
+        "final_loss": round(float(np.mean(losses[-final_window:])), 4),
+        "loss_curve": curve,
+        "ema_eval_loss": round(evaluate(ema), 4),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    return ema, stats
