@@ -101,3 +101,49 @@ def fit(args: argparse.Namespace, model: torch.nn.Module, num_items: int, batch_
         "params": sum(p.numel() for p in model.parameters()),
     }
     return ema, stats
+
+
+def training_record(args: argparse.Namespace, script: str, stats: dict, *, objective: str, data: str) -> dict:
+    """The ``training`` section of the shipped metadata: how to rerun it, and what it ran on."""
+    import os
+    import platform
+
+    import diffusers
+
+    return {
+        **stats,
+        "command": f"OMP_NUM_THREADS=1 PYTHONPATH=. python tools/{script} "
+                   + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                              if k not in ("out",) and v is not None),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "ema": args.ema,
+        "label_dropout": args.label_dropout,
+        "threads": args.threads,
+        "objective": objective,
+        "data": data,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "machine": platform.machine(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_at_end": round(os.getloadavg()[0], 2),
+    }
+
+
+def save_outputs(out: Path, ema: torch.nn.Module, transformer_file: str, tables: dict[str, dict[str, torch.Tensor]],
+                 metadata_file: str, meta: dict) -> None:
+    """The EMA weights in fp16, the other tensor tables as they are, and the metadata JSON."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in ema.state_dict().items()}
+    save_file(state, str(out / transformer_file), metadata={"format": "pt"})
+    for name, table in tables.items():
+        save_file({k: v.contiguous() for k, v in table.items()}, str(out / name))
+    (out / metadata_file).write_text(json.dumps(meta, indent=2) + "\n")
+    for name in (transformer_file, *tables, metadata_file):
+        (out / name).chmod(0o644)  # safetensors writes 0600; package data must be world-readable
+        print(f"wrote {out / name} ({(out / name).stat().st_size / 1e6:.2f} MB)")

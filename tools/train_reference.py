@@ -25,18 +25,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib.util
-import json
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from safetensors.torch import save_file
 
-from flow_training import fit, training_parser
+from flow_training import fit, save_outputs, training_parser, training_record
 from phyai_cache.reference import assets
 from phyai_cache.reference.imaging import (
     downsample_images,
@@ -188,15 +184,8 @@ def scheduler_config() -> dict:
 
 
 def save(out: Path, ema: FluxTransformer2DModel, emb: dict, clf: dict, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in ema.state_dict().items()}
-    save_file(state, str(out / assets.TRANSFORMER_FILE), metadata={"format": "pt"})
-    save_file({k: v.contiguous() for k, v in emb.items()}, str(out / assets.EMBEDDINGS_FILE))
-    save_file({k: v.contiguous() for k, v in clf.items()}, str(out / assets.CLASSIFIER_FILE))
-    (out / assets.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    for name in sorted(p.name for p in out.iterdir()):
-        (out / name).chmod(0o644)  # safetensors writes 0600; package data must be world-readable
-        print(f"wrote {out / name} ({(out / name).stat().st_size / 1e6:.2f} MB)")
+    save_outputs(out, ema, assets.TRANSFORMER_FILE, {assets.EMBEDDINGS_FILE: emb, assets.CLASSIFIER_FILE: clf},
+                 assets.METADATA_FILE, meta)
 
 
 def main() -> None:
@@ -225,24 +214,10 @@ def main() -> None:
         "null_class": NULL_CLASS,
         "text_tokens": TEXT_TOKENS,
         "text_dim": TEXT_DIM,
-        "training": {
-            **train_stats,
-            "command": "OMP_NUM_THREADS=1 PYTHONPATH=. python tools/train_reference.py "
-                       + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                  if k not in ("out",) and v is not None),
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "ema": args.ema,
-            "label_dropout": args.label_dropout,
-            "threads": args.threads,
-            "objective": "rectified flow, x_t=(1-t)x0+t*eps, target eps-x0, t~U(0,1)",
-            "data": "sklearn digits (1797), bilinear 8->16, scaled to [-1,1]",
-            "torch": torch.__version__,
-            "diffusers": __import__("diffusers").__version__,
-            "machine": platform.machine(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        },
+        "training": training_record(
+            args, "train_reference.py", train_stats,
+            objective="rectified flow, x_t=(1-t)x0+t*eps, target eps-x0, t~U(0,1)",
+            data="sklearn digits (1797), bilinear 8->16, scaled to [-1,1]"),
         "classifier": clf_stats,
     }
     save(args.out, ema, emb, clf, meta)

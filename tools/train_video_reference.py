@@ -29,20 +29,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
-from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flow_training import fit, training_parser  # noqa: E402
+from flow_training import fit, save_outputs, training_parser, training_record  # noqa: E402
 from train_reference import load_digits  # noqa: E402  (same data file, same reader)
 
 from phyai_cache.reference import video  # noqa: E402
@@ -156,14 +152,8 @@ def scheduler_config() -> dict:
 
 
 def save(out: Path, ema: WanTransformer3DModel, emb: dict, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in ema.state_dict().items()}
-    save_file(state, str(out / video.VIDEO_TRANSFORMER_FILE), metadata={"format": "pt"})
-    save_file({k: v.contiguous() for k, v in emb.items()}, str(out / video.VIDEO_EMBEDDINGS_FILE))
-    (out / video.VIDEO_METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    for name in (video.VIDEO_TRANSFORMER_FILE, video.VIDEO_EMBEDDINGS_FILE, video.VIDEO_METADATA_FILE):
-        (out / name).chmod(0o644)  # safetensors writes 0600; package data must be world-readable
-        print(f"wrote {out / name} ({(out / name).stat().st_size / 1e6:.2f} MB)")
+    save_outputs(out, ema, video.VIDEO_TRANSFORMER_FILE, {video.VIDEO_EMBEDDINGS_FILE: emb},
+                 video.VIDEO_METADATA_FILE, meta)
 
 
 def main() -> None:
@@ -194,26 +184,11 @@ def main() -> None:
         "text_dim": video.TEXT_DIM,
         "pipeline_call": {"height": video.PIPELINE_SIZE, "width": video.PIPELINE_SIZE,
                           "num_frames": video.PIPELINE_NUM_FRAMES, "output_type": "latent"},
-        "training": {
-            **stats,
-            "command": "OMP_NUM_THREADS=1 PYTHONPATH=. python tools/train_video_reference.py "
-                       + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                  if k not in ("out",) and v is not None),
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "ema": args.ema,
-            "label_dropout": args.label_dropout,
-            "threads": args.threads,
-            "objective": "rectified flow, x_t=(1-s)x0+s*eps, target eps-x0, s~U(0,1), timestep=1000*s",
-            "data": "sklearn digits (1797), bilinear 8->16, each clip one digit rolled 1 px/frame right or left "
-                    "at random (wrapping), frames -4..+3 around the drawn position, scaled to [-1,1]",
-            "torch": torch.__version__,
-            "diffusers": __import__("diffusers").__version__,
-            "machine": platform.machine(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "load_average_at_end": round(os.getloadavg()[0], 2),
-        },
+        "training": training_record(
+            args, "train_video_reference.py", stats,
+            objective="rectified flow, x_t=(1-s)x0+s*eps, target eps-x0, s~U(0,1), timestep=1000*s",
+            data="sklearn digits (1797), bilinear 8->16, each clip one digit rolled 1 px/frame right or left "
+                 "at random (wrapping), frames -4..+3 around the drawn position, scaled to [-1,1]"),
     }
     save(args.out, ema, emb, meta)
 
