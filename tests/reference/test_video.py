@@ -25,14 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGITS = list(range(10))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pipe() -> WanPipeline:
     return video.load_video_pipeline()
