@@ -34,13 +34,6 @@ KNOWN_FINDINGS: dict[tuple[str, str, str], str] = {
     # Cache-DiT passes the second stream positionally and again as a keyword.
     **{("ltx2", "cache_dit", s): "TypeError: LTX2VideoTransformerBlock.forward() got multiple values for argument "
                                  "'audio_hidden_states'" for s in ("fbcache", "dbcache")},
-    # PAB reads the timestep from a `timestep` argument (or a pipeline); Cosmos3's is `vision_timesteps`,
-    # so in a custom loop every call computes.
-    ("cosmos3", "diffusers", "pab"): "enabled and ran, but cached no step",
-    # diffusers' SeaCache computes its indicator from the latents our layer reads per family; Flux2's
-    # and LTX's are read but the spectral indicator never falls below the threshold / is never formed.
-    ("flux2", "diffusers", "seacache"): "enabled and ran, but cached no step",
-    ("ltx", "diffusers", "seacache"): "enabled and ran, but cached no step",
     # native TeaCache modulates the first block's input with its temb; Chroma's per-block modulation
     # has another shape.
     ("chroma", "native", "teacache"): "RuntimeError: The size of tensor a (32) must match the size of tensor b",

@@ -20,6 +20,7 @@ from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfi
                          enable_dit_cache)
 from phyai_cache.adapters.diffusers import DiffusersBackend
 from phyai_cache.testing import FAMILIES, build_tiny_pipeline
+from phyai_cache.testing.families import SERVED, family, run_family
 from phyai_cache.versions import MIN_VERSIONS
 
 STRATEGIES = ("fbcache", "pab", "fastercache", "taylorseer", "magcache")
@@ -510,6 +511,26 @@ def test_fastercache_first_step_inside_its_timestep_range_works(flux):
         "spatial_attention_timestep_skip_range": [-1, 1001], "attention_weight_callback": 0.3}))
     flux.run(num_inference_steps=6, cfg=True)
     assert handle.last_run.steps_cached > 0 and handle.last_run.records[0].reason == "no_cache"
+
+
+def test_pab_reads_cosmos3s_vision_timesteps_in_a_custom_loop():
+    """Cosmos 3 takes `vision_timesteps`, no `timestep`; the matrix run checks the first step against
+    the uncached model and that disabling is bit-identical."""
+    (cell,) = run_family(family("cosmos3"), [("diffusers", "pab")])
+    assert cell.status == SERVED and cell.steps_cached > 0, cell.reason
+
+
+@pytest.mark.parametrize("strategy", ["pab", "fastercache"])
+def test_a_loop_without_timesteps_fails_at_its_first_call(flux, strategy):
+    """Without a timestep the hooks never enter their timestep ranges and would compute every step."""
+    transformer = flux.transformer
+    handle = enable_dit_cache(transformer, **settings(strategy))
+    with pytest.raises(CacheStateError, match="'timestep'"):
+        with handle.run(num_inference_steps=4):
+            transformer(**{**_flux_call_inputs("cond", 0, 4), "timestep": None})
+    assert leftover_diffusers_state(transformer) == []
+    outputs = _loop(transformer, handle, ["cond"], steps=4)  # the handle still serves a proper loop
+    assert handle.last_run.steps_cached > 0 and len(outputs["cond"]) == 4
 
 
 def test_taylorseer_that_hooks_nothing_is_an_error():

@@ -12,6 +12,7 @@ from phyai_cache.adapters.diffusers.seacache import raw_vision
 from phyai_cache.bench import psnr
 from phyai_cache.reference import call_kwargs, latents_to_images, load_pipeline
 from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache.testing.families import SERVED, family, run_family
 from phyai_cache.versions import feature_available, installed_version
 
 pytestmark = pytest.mark.skipif(not feature_available("diffusers", "seacache", installed_version("diffusers")),
@@ -76,7 +77,61 @@ def test_raw_vision_reads_packed_and_unpacked_latents():
     assert torch.equal(raw_vision(None, (grid,), {})[1][:, 0], grid[1])
     video = torch.randn(2, 3, 2, 4, 5)
     assert torch.equal(raw_vision(None, (), {"hidden_states": video})[0], video[0])
-    assert raw_vision(None, (), {"hidden_states": packed}) is None  # no layout: SeaCache runs in full
+    ltx = {"hidden_states": video.permute(0, 2, 3, 4, 1).reshape(2, 40, 3), "num_frames": 2, "height": 4, "width": 5}
+    assert torch.equal(raw_vision(None, (), ltx)[1], video[1])
+    assert raw_vision(None, (), {**ltx, "height": 5, "width": 4}) is not None  # same count: trusted
+    assert raw_vision(None, (), {**ltx, "num_frames": 1}) is None  # the grid does not cover the tokens
+    assert raw_vision(None, (), {"hidden_states": packed}) is None  # no layout
+
+
+def test_seacache_caches_ltx_in_a_custom_loop():
+    """LTX packs its latents into tokens and passes the grid as num_frames/height/width; the matrix
+    run checks the first step against the uncached model and that disabling is bit-identical."""
+    (cell,) = run_family(family("ltx"), [("diffusers", "seacache")])
+    assert cell.status == SERVED and cell.steps_cached > 0, cell.reason
+
+
+def test_a_call_without_readable_latents_fails_before_it_runs(flux):
+    """diffusers would run every such call in full ("fails open"): a run that could cache nothing."""
+    transformer = flux.transformer
+    reference = transformer(**_flux_inputs(img_ids=torch.zeros(16, 3))).sample  # ids that form no grid
+    handle = enable_dit_cache(transformer, **ON, strategy="seacache", threshold=10.0)
+    for broken, message in ((dict(img_ids=torch.zeros(16, 3)), "visual latents"), (dict(timestep=None), "timestep")):
+        with pytest.raises(CacheStateError, match=message):
+            with handle.run(num_inference_steps=4):
+                transformer(**_flux_inputs(**broken))
+        assert [(r.reason, r.blocks_computed) for r in handle.last_run.records] == [("raised", 0)]  # before it ran
+    handle.disable()
+    assert torch.equal(transformer(**_flux_inputs(img_ids=torch.zeros(16, 3))).sample, reference)
+
+
+def test_seacache_refuses_a_model_whose_first_and_last_blocks_differ():
+    """Flux2: a double-stream head on the image tokens, a single-stream tail on text + image tokens;
+    diffusers' SeaCache never records a residual there and would cache no step."""
+    from diffusers import Flux2Transformer2DModel
+
+    from phyai_cache.testing.families import target_fingerprint
+
+    flux2 = Flux2Transformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                    num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16,
+                                    axes_dims_rope=(4, 4, 4, 4))
+    before = target_fingerprint(flux2)
+    with pytest.raises(DiTCacheConfigError, match="never records a residual") as info:
+        enable_dit_cache(flux2, **ON, strategy="seacache")
+    assert info.value.field == "target" and "same streams" in info.value.allowed and "native" in str(info.value)
+    assert target_fingerprint(flux2) == before
+
+
+def _flux_inputs(**overrides) -> dict:
+    """One call of the tiny Flux transformer (16 tokens in a 4 x 4 grid)."""
+    generator = torch.Generator().manual_seed(0)
+    rows, columns = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=generator),
+                  pooled_projections=torch.randn(1, 32, generator=generator), timestep=torch.tensor([0.5]),
+                  img_ids=torch.stack([torch.zeros(16), rows.flatten(), columns.flatten()], dim=1).float(),
+                  txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+    return {**inputs, **overrides}
 
 
 def test_seacache_needs_the_step_count_in_a_custom_loop():

@@ -103,6 +103,9 @@ class AttentionReuseDriver(Driver):
         state.strategy_state = {}  # branch -> {id(hook): the branch's state object}
 
     def before_call(self, call: CallInfo, state: DiffusersRunState) -> None:
+        # Read on every call, before the hook states are swapped: a run without timesteps fails at its
+        # first call, not silently computing every step.
+        timestep = self.reader.require(call.args, call.kwargs, self.strategy)
         counters = state.counters(call.branch)
         branch_states = state.strategy_state.get(call.branch)
         fresh = branch_states is None or counters.key != call.scratch.key
@@ -115,7 +118,7 @@ class AttentionReuseDriver(Driver):
             call.scratch.reason = "inactive"
         elif fresh:
             call.scratch.reason = cache_gap(call.scratch.key, counters.key, has_cache=False)
-        self._timestep = math.nan if call.scratch.reason else self.reader.read(call.args, call.kwargs)
+        self._timestep = math.nan if call.scratch.reason else timestep
 
     def after_call(self, call: CallInfo, state: DiffusersRunState) -> None:
         for hook, own_state in call.scratch.saved or ():

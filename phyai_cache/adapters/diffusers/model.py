@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...errors import DiTCacheConfigError
+from ...errors import CacheStateError, DiTCacheConfigError
 
 NATIVE_HINT = "backend 'native' serves fbcache/dbcache/taylorseer on any block list"
 
@@ -54,8 +54,8 @@ def check_block_cache(transformer: torch.nn.Module, strategy: str) -> list[str]:
                  f"single_transformer_blocks / layers / ...; {model} has {len(blocks)}; {NATIVE_HINT}",
         )
     metadata = [_block_metadata(name, block, model) for name, block in blocks]
-    if strategy == "fbcache":
-        _check_fbc_structure(blocks, metadata, model)
+    if strategy in _HEAD_TAIL_FAILURES:
+        _check_head_and_tail_streams(blocks, metadata, model, strategy)
     if strategy != "seacache":  # SeaCache looks arguments up by the names the registry declares
         _check_argument_names(blocks, metadata, model, strategy)
     return [name for name, _ in blocks]
@@ -73,18 +73,29 @@ def _block_metadata(name: str, block: torch.nn.Module, model: str) -> Any:
         ) from None
 
 
-def _check_fbc_structure(blocks: list[tuple[str, torch.nn.Module]], metadata: list[Any], model: str) -> None:
-    # FBC's tail subtracts the head output it stored: a head returning (hidden, encoder) and a tail
-    # returning a bare tensor (or the reverse) raises a TypeError or silently subtracts the wrong
-    # thing (diffusers issue #14280, Flux2); a tail without encoder output breaks SD3-style lists.
+# The caches that store the residual from the first block's input to the last block's output: a head
+# and a tail that return different streams break them (Flux2: a double-stream head on the image
+# tokens, a single-stream tail on text + image tokens).
+_HEAD_TAIL_FAILURES = {
+    # FBC's tail subtracts the head output it stored: a TypeError, or silently the wrong thing; a tail
+    # without encoder output breaks SD3-style lists.
+    "fbcache": "diffusers' FirstBlockCache fails on it (diffusers #14280)",
+    # SeaCache records the residual only when the tail's output matches the head's input (shape and
+    # streams): it never does, so every step it would cache runs in full ("fails open").
+    "seacache": "diffusers' SeaCache never records a residual between them, so it would cache no step",
+}
+
+
+def _check_head_and_tail_streams(blocks: list[tuple[str, torch.nn.Module]], metadata: list[Any], model: str,
+                                 strategy: str) -> None:
     head_has_encoder = metadata[0].return_encoder_hidden_states_index is not None
     tail_has_encoder = metadata[-1].return_encoder_hidden_states_index is not None
     if head_has_encoder != tail_has_encoder:
         raise DiTCacheConfigError(
-            "target", f"<{model}>", "a model whose first and last blocks return the same streams (FirstBlockCache)",
+            "target", f"<{model}>", "a model whose first and last blocks return the same streams",
             hint=f"{blocks[0][0]} {'returns' if head_has_encoder else 'does not return'} encoder states but "
-                 f"{blocks[-1][0]} {'does' if tail_has_encoder else 'does not'}; diffusers' FirstBlockCache "
-                 f"fails on it (diffusers #14280); {NATIVE_HINT}",
+                 f"{blocks[-1][0]} {'does' if tail_has_encoder else 'does not'}; {_HEAD_TAIL_FAILURES[strategy]}; "
+                 f"{NATIVE_HINT}",
         )
 
 
@@ -128,13 +139,18 @@ def attention_module_names(transformer: torch.nn.Module) -> list[str]:
     return [name for name, module in transformer.named_modules() if name and isinstance(module, classes)]
 
 
+# The argument that carries a call's noise level: ``timestep`` in most transformers; Cosmos 3 has one
+# per modality and no ``timestep`` (its vision tokens are what the caches follow).
+TIMESTEP_ARGUMENTS = ("timestep", "vision_timesteps")
+
+
 class TimestepReader:
     """The current timestep in diffusers' 0..1000 units, for PAB's and FasterCache's timestep ranges.
 
     Pipelines: the pipeline's ``_current_timestep`` (what ``pipe.current_timestep`` returns). A bare
-    transformer in a custom loop: the call's ``timestep`` argument. Flux- and QwenImage-style
-    transformers take ``t / 1000`` there; a timestep argument whose values are all <= 1 is therefore
-    read as normalized and multiplied by 1000.
+    transformer in a custom loop: the call's timestep argument (:data:`TIMESTEP_ARGUMENTS`). Flux- and
+    QwenImage-style transformers take ``t / 1000`` there; a timestep argument whose values are all
+    <= 1 is therefore read as normalized and multiplied by 1000.
     """
 
     def __init__(self, transformer: torch.nn.Module, pipeline: Any) -> None:
@@ -143,14 +159,26 @@ class TimestepReader:
             parameters = list(inspect.signature(type(transformer).forward).parameters)[1:]
         except (TypeError, ValueError):
             parameters = []
-        self.position = parameters.index("timestep") if "timestep" in parameters else None
+        self.name = next((name for name in TIMESTEP_ARGUMENTS if name in parameters), TIMESTEP_ARGUMENTS[0])
+        self.position = parameters.index(self.name) if self.name in parameters else None
+
+    def require(self, args: tuple, kwargs: dict[str, Any] | None, strategy: str) -> float:
+        """:meth:`read`, or an error when the call carries no timestep: the cache's timestep ranges
+        (PAB, FasterCache) or its sigma (SeaCache) would never be met, and it would compute every step."""
+        timestep = self.read(args, kwargs)
+        if math.isnan(timestep):
+            raise CacheStateError(
+                f"{strategy} on backend 'diffusers' needs each call's timestep and this call has none (no "
+                f"pipeline timestep, no {self.name!r} argument), so it would cache no step: pass "
+                f"{self.name}=... to the transformer, or enable the cache on its pipeline")
+        return timestep
 
     def read(self, args: tuple, kwargs: dict[str, Any] | None) -> float:
         if self.pipeline is not None:
             value = getattr(self.pipeline, "__dict__", {}).get("_current_timestep")
             if value is not None:
                 return _first_float(value)
-        value = (kwargs or {}).get("timestep")
+        value = (kwargs or {}).get(self.name)
         if value is None and self.position is not None and self.position < len(args):
             value = args[self.position]
         if value is None:

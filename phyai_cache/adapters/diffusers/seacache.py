@@ -17,7 +17,13 @@ open" and never caches), so every call enters one with the branch's step, the ru
 ``sigma = timestep / 1000`` (flow matching: the timesteps are ``sigma * 1000``); and it needs the
 visual latents as ``(C, T, H, W)`` (``raw_vision_callback``), built in for Wan T2V and Cosmos 3 only,
 so :func:`raw_vision` reads them for image and video models generally (5-D and 4-D latents, packed
-tokens with ``img_ids`` such as Flux, or with ``img_shapes`` such as QwenImage).
+tokens with ``img_ids`` such as Flux, with ``img_shapes`` such as QwenImage, or with
+``num_frames``/``height``/``width`` such as LTX).
+
+Where diffusers would fail open for good, the run fails instead: a call without a readable timestep
+or latents raises :class:`~phyai_cache.errors.CacheStateError` before it runs (the first call of a
+run already shows it), and a model whose first and last blocks return different streams (Flux2),
+on which SeaCache never records a residual, is refused at enable time (``model.check_block_cache``).
 """
 
 from __future__ import annotations
@@ -64,11 +70,8 @@ class SeaCacheDriver(Driver):
             self.diffusers_config.raw_vision_callback = None
 
     def _raw_vision(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor] | None:
-        vision = raw_vision(module, args, kwargs)
         call = self.lifecycle.current_call()
-        if vision is None and call is not None:
-            call.scratch.saved = "no_indicator"  # diffusers then runs the call in full ("fails open")
-        return vision
+        return call.scratch.saved if call is not None else raw_vision(module, args, kwargs)  # read in before_call
 
     # -- run time -------------------------------------------------------------------------------
 
@@ -85,12 +88,26 @@ class SeaCacheDriver(Driver):
             setattr(self.diffusers_config, name, value)
 
     def context_kwargs(self, call: CallInfo) -> dict[str, Any] | None:
-        timestep = self.timesteps.read(call.args, call.kwargs)
-        sigma = min(max(timestep / 1000.0, 0.0), 1.0) if timestep == timestep else None  # NaN: unknown
+        timestep = self.timesteps.require(call.args, call.kwargs, self.strategy)
+        sigma = min(max(timestep / 1000.0, 0.0), 1.0)
         return {"step_index": call.step, "sigma": sigma, "num_inference_steps": call.run.stats.num_inference_steps}
 
     def before_call(self, call: CallInfo, state: DiffusersRunState) -> None:
         call.scratch.reason = self.rules.must_compute(call.step)
+        if not self.builtin:
+            call.scratch.saved = self._require_vision(call)
+
+    def _require_vision(self, call: CallInfo) -> list[torch.Tensor]:
+        # Without the latents diffusers runs every call in full ("fails open") and says so once in a
+        # log line; the layout is the model's call convention, so the first call already tells.
+        vision = raw_vision(self.installation.transformer, call.args, call.kwargs or {})
+        if vision is None:
+            raise CacheStateError(
+                f"seacache on backend 'diffusers' cannot read the visual latents of this "
+                f"{self.model_class} call, so its indicator never forms and it would cache no step; readable: "
+                f"hidden_states as (B, C, [T,] H, W) latents, or packed (B, tokens, C) with img_shapes, "
+                f"num_frames/height/width or img_ids covering every token")
+        return vision
 
     def after_call(self, call: CallInfo, state: DiffusersRunState) -> None:
         hook_state = self._state()
@@ -102,8 +119,7 @@ class SeaCacheDriver(Driver):
             call.diff = float(hook_state.accumulated_distance)
         else:
             call.decision = "computed"
-            call.reason = (call.scratch.reason or call.scratch.saved
-                           or ("no_cache" if counters.key is None else "above_threshold"))
+            call.reason = call.scratch.reason or _compute_reason(hook_state, counters)
         counters.record(cached, call.scratch.key)
 
     def _state(self) -> Any:
@@ -119,6 +135,14 @@ class SeaCacheDriver(Driver):
         return {"diffusers_config": config,
                 "raw_vision": "diffusers' own adapter" if getattr(self, "builtin", False) else "phyai_cache's reader",
                 "per_run": "cache_end_steps; per call: cache_context(step_index, sigma, num_inference_steps)"}
+
+
+def _compute_reason(hook_state: Any, counters: Any) -> str:
+    if counters.key is None:
+        return "no_cache"
+    if hook_state is not None and not hook_state.gate_should_compute:
+        return "no_residual"  # the indicator allowed a hit, but diffusers had no residual to reuse
+    return "above_threshold"
 
 
 def _builtin_adapter(transformer: torch.nn.Module) -> bool:
@@ -144,10 +168,10 @@ def raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     shapes = kwargs.get("img_shapes")
     if shapes is not None:  # QwenImage-style: [(frames, height, width)] per sample (or one list for all)
         first = shapes[0]
-        frames, height, width = (first[0] if isinstance(first, list) else first)[:3]
-        if frames * height * width == tokens:
-            return [s.reshape(frames, height, width, channels).permute(3, 0, 1, 2) for s in hidden.unbind(0)]
-        return None
+        return _unpack(hidden, *(first[0] if isinstance(first, list) else first)[:3])
+    sizes = [kwargs.get(name) for name in ("num_frames", "height", "width")]
+    if all(isinstance(size, int) for size in sizes):  # LTX-style: the token grid, frame-major
+        return _unpack(hidden, *sizes)
     ids = kwargs.get("img_ids")
     if isinstance(ids, torch.Tensor) and ids.shape[-2] == tokens and ids.shape[-1] >= 3:
         ids = ids[0] if ids.ndim == 3 else ids  # Flux: (tokens, 3) = (frame, row, column)
@@ -160,3 +184,12 @@ def raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
         grid[:, rows, columns] = hidden
         return [sample.permute(2, 0, 1).unsqueeze(1) for sample in grid.unbind(0)]
     return None
+
+
+def _unpack(hidden: torch.Tensor, frames: int, height: int, width: int) -> list[torch.Tensor] | None:
+    """Packed ``(B, frames * height * width, C)`` tokens, frame-major, as ``(C, T, H, W)`` per sample;
+    None when the grid does not match the tokens (another layout: no indicator rather than a wrong one)."""
+    batch, tokens, channels = hidden.shape
+    if frames * height * width != tokens:
+        return None
+    return [sample.reshape(frames, height, width, channels).permute(3, 0, 1, 2) for sample in hidden.unbind(0)]
