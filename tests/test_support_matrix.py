@@ -41,9 +41,6 @@ KNOWN_FINDINGS: dict[tuple[str, str, str], str] = {
     # and LTX's are read but the spectral indicator never falls below the threshold / is never formed.
     ("flux2", "diffusers", "seacache"): "enabled and ran, but cached no step",
     ("ltx", "diffusers", "seacache"): "enabled and ran, but cached no step",
-    # native TeaCache modulates the first block's input with its temb; Chroma's per-block modulation
-    # has another shape.
-    ("chroma", "native", "teacache"): "RuntimeError: The size of tensor a (32) must match the size of tensor b",
 }
 
 
