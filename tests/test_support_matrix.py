@@ -34,9 +34,6 @@ KNOWN_FINDINGS: dict[tuple[str, str, str], str] = {
     # Cache-DiT passes the second stream positionally and again as a keyword.
     **{("ltx2", "cache_dit", s): "TypeError: LTX2VideoTransformerBlock.forward() got multiple values for argument "
                                  "'audio_hidden_states'" for s in ("fbcache", "dbcache")},
-    # native TeaCache modulates the first block's input with its temb; Chroma's per-block modulation
-    # has another shape.
-    ("chroma", "native", "teacache"): "RuntimeError: The size of tensor a (32) must match the size of tensor b",
 }
 
 

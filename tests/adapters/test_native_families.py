@@ -9,7 +9,7 @@ import pytest
 import torch
 from counting import count_block_executions
 
-from phyai_cache import CacheStateError, DiTCacheConfigError, enable_dit_cache
+from phyai_cache import DiTCacheConfigError, enable_dit_cache
 from phyai_cache.testing import FAMILIES, build_tiny_pipeline
 
 STRATEGIES = {
@@ -28,13 +28,9 @@ STRATEGIES = {
 }
 
 
-# Open findings (closing note of issues 13/14): whole-call skipping forecasts the transformer call's
-# output from its hidden-states argument; Cosmos3 passes its streams under other names and Qwen-Image
-# 2.1 changes its token count after the KV prefill, so these runs fail loudly at the first skipped
-# call instead of being refused at enable time. Pinned so a fix (or a silent change) shows up here.
-SKIP_CALL_FINDINGS = {("qwenimage21", "taylorseer+skip_call"): RuntimeError,
-                      ("cosmos3", "magcache+skip_call"): CacheStateError,
-                      ("cosmos3", "taylorseer+skip_call"): CacheStateError}
+# Whole-call skipping reads the call's latents from the forward's hidden_states argument; Cosmos3's
+# forward takes packed lists of tokens instead, so it is refused at enable time (model untouched).
+SKIP_CALL_REFUSED = {"cosmos3"}
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -42,11 +38,15 @@ SKIP_CALL_FINDINGS = {("qwenimage21", "taylorseer+skip_call"): RuntimeError,
 def test_strategy_caches_and_counts_exactly(family, strategy, monkeypatch):
     tiny = build_tiny_pipeline(family)
     executed = count_block_executions(monkeypatch, tiny.transformer, tiny.blocks)
-    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", blocks=tiny.blocks, **STRATEGIES[strategy])
-    if (family, strategy) in SKIP_CALL_FINDINGS:
-        with pytest.raises(SKIP_CALL_FINDINGS[family, strategy]):
-            tiny.run(num_inference_steps=6, cfg=True)
+    settings = dict(enabled=True, backend="native", blocks=tiny.blocks, **STRATEGIES[strategy])
+    if family in SKIP_CALL_REFUSED and "+skip_call" in strategy:
+        reference = tiny.run(num_inference_steps=3)
+        with pytest.raises(DiTCacheConfigError, match="hidden_states") as info:
+            enable_dit_cache(tiny.pipe, **settings)
+        assert info.value.field == "options.skip_call"
+        assert torch.equal(tiny.run(num_inference_steps=3), reference)  # the refusal changed nothing
         return
+    handle = enable_dit_cache(tiny.pipe, **settings)
     tiny.run(num_inference_steps=6, cfg=True)
     stats = handle.last_run
     assert stats.steps_total == 12 and set(stats.branches) == {"cond", "uncond"}
@@ -128,6 +128,39 @@ def test_qwenimage21_kv_cache_step_is_recomputed_in_each_branch(strategy, cfg):
         assert [r.reason for r in stats.records if r.step == 1] == ["shape_changed"] * len(branches)
     fresh = build_tiny_pipeline("qwenimage21")
     enable_dit_cache(fresh.pipe, enabled=True, backend="native", blocks=fresh.blocks, **KV_CASES[strategy])
+    assert torch.equal(out, fresh.run(num_inference_steps=6, cfg=cfg))
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_qwenimage21_skip_call_computes_across_the_kv_mode_change(cfg):
+    """Whole-call skipping on Qwen-Image 2.1: step 0 prefills the KV cache (kv_cache_mode 'extract')
+    and returns the whole joint sequence, later steps ('cached') the image tokens only. The mode is
+    part of the whole call's cache key, so step 1 computes (shape_changed) even where the rules would
+    cache it, and a skipped call returns exactly the branch's last computed output (plain reuse)."""
+    tiny = build_tiny_pipeline("qwenimage21")
+    returned: list[torch.Tensor] = []
+    hook = tiny.transformer.register_forward_hook(lambda module, args, output: returned.append(output[0].clone()))
+    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", blocks=tiny.blocks, strategy="magcache",
+                              threshold=10.0, warmup_steps=0, options={"mag_ratios": [1.0], "skip_call": True})
+    try:
+        out = tiny.run(num_inference_steps=6, cfg=cfg)
+    finally:
+        hook.remove()
+    stats = handle.last_run
+    branches = ["cond", "uncond"] if cfg else ["cond"]
+    assert [r.reason for r in stats.records if r.step == 1] == ["shape_changed"] * len(branches)
+    assert stats.calls_skipped == stats.steps_cached > 0
+    last_computed: dict[str, torch.Tensor] = {}
+    for record, output in zip(stats.records, returned, strict=True):
+        if record.skipped_call:
+            assert torch.equal(output, last_computed[record.branch]), record
+        else:
+            last_computed[record.branch] = output
+        if record.step >= 1:  # a decode step returns the image tokens only, skipped or not
+            assert output.shape[1] == returned[-1].shape[1]
+    fresh = build_tiny_pipeline("qwenimage21")
+    enable_dit_cache(fresh.pipe, enabled=True, backend="native", blocks=fresh.blocks, strategy="magcache",
+                     threshold=10.0, warmup_steps=0, options={"mag_ratios": [1.0], "skip_call": True})
     assert torch.equal(out, fresh.run(num_inference_steps=6, cfg=cfg))
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from counting import count_block_executions
 
+import phyai_cache.testing.families as families
 from phyai_cache import CacheStateError, DiTCacheConfigError, enable_dit_cache
 from phyai_cache.reference import call_kwargs, load_pipeline
 from phyai_cache.strategies.magcache import ratios_for_steps
@@ -173,13 +174,38 @@ def test_teacache_measures_the_modulated_input_and_rescales_it(reference_pipe):
 
 
 def test_teacache_probe_modulated_needs_an_adaptive_norm(toy):
-    handle = enable_dit_cache(toy, **ON, strategy="teacache", blocks="layers", options={"probe": "modulated"})
-    with pytest.raises(CacheStateError, match="probe 'input'"):
-        denoise(toy, steps=3, handle=handle)
-    handle.disable()
+    before = [p.clone() for p in toy.parameters()]
+    with pytest.raises(DiTCacheConfigError, match="no adaptive norm") as info:
+        enable_dit_cache(toy, **ON, strategy="teacache", blocks="layers", options={"probe": "modulated"})
+    assert info.value.field == "options.probe" and "magcache" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, toy.parameters()))
     handle = enable_dit_cache(toy, **ON, strategy="teacache", blocks="layers", threshold=10.0, warmup_steps=1)
     denoise(toy, steps=4, handle=handle)  # auto: the toy blocks have no temb, so the chain input is measured
     assert handle.last_run.steps_cached > 0
+
+
+def test_teacache_on_chroma_measures_the_chain_input():
+    """Chroma's double block slices its [B, 12, D] temb before its parameter-free norm1 (temb[:, :6]),
+    so norm1(x, temb) is not the block's modulated input: 'modulated' is refused at enable time
+    (model untouched) and 'auto' measures the chain input, as 'input' does."""
+    fam = families.family("chroma")
+    transformer = fam.build()
+    reference, before = families.denoise(fam, transformer), families.target_fingerprint(transformer)
+    settings = dict(enabled=True, backend="native", blocks=fam.blocks, strategy="teacache", threshold=10.0,
+                    warmup_steps=1)
+    with pytest.raises(DiTCacheConfigError, match="ChromaTransformerBlock") as info:
+        enable_dit_cache(transformer, **settings, options={"probe": "modulated"})
+    assert info.value.field == "options.probe"
+    assert families.target_fingerprint(transformer) == before
+    assert all(torch.equal(a, b) for a, b in zip(families.denoise(fam, transformer), reference))
+    changes = {}
+    for probe in ("auto", "input"):
+        handle = enable_dit_cache(transformer, **settings, options={"probe": probe})
+        families.denoise(fam, transformer, handle)
+        assert handle.last_run.steps_cached > 0
+        changes[probe] = [r.measures.get("input_change") for r in handle.last_run.records]
+        handle.disable()
+    assert changes["auto"] == changes["input"] and any(c is not None for c in changes["auto"])
 
 
 # -- options -------------------------------------------------------------------------------------

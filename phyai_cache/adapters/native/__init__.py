@@ -59,4 +59,4 @@ class NativeBackend(Backend):
     def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: BlocksArg = None) -> NativePlan:
         lists = discover_blocks(target.transformer, blocks)
         check_blocks_see_their_shard(lists)  # context parallelism must split before the cached blocks
-        return NativePlan(lists, config, native_plan(lists, config, type(target.transformer).__name__), target.parallel)
+        return NativePlan(lists, config, native_plan(lists, config, target.transformer), target.parallel)

@@ -55,7 +55,7 @@ from ...graphs import refuse_capture
 from ..base import Installation
 from .method import Method, StepInputs
 from .policy import BranchCache, ResidualHistory
-from .wholecall import run_whole_call
+from .wholecall import latent_parameter, run_whole_call
 
 
 class ChainLayout:
@@ -117,6 +117,7 @@ class RunPlan:
     options: Mapping[str, Any] = field(default_factory=dict)  # checked against NativeMethod.options
     verify: float | None = None  # options.verify: the verified forecaster's tolerance
     skip_call: bool = False  # options.skip_call: cached steps skip the whole transformer call
+    latent: tuple[str, int] | None = None  # skip_call: the forward's latent parameter (name, position)
 
 
 @dataclass
@@ -223,7 +224,7 @@ class ChainInstallation(Installation):
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:  # a server with ever-new per-request configs
                 self._plans = {self.plan.config: self.plan} if hasattr(self, "plan") else {}
-            plan = self._plans[config] = native_plan(self.lists, config, type(self.lifecycle.target.transformer).__name__)
+            plan = self._plans[config] = native_plan(self.lists, config, self.lifecycle.target.transformer)
         return plan
 
     def begin_run(self, run: RunState) -> None:
@@ -545,8 +546,8 @@ class ChainInstallation(Installation):
         group.call.run.note_cache_bytes(group.state.nbytes())
 
 
-def native_plan(lists: list[BlockList], config: DiTCacheConfig, model_class: str | None = None) -> RunPlan:
-    """How the native engine runs ``config`` on a model with these block lists; raises a clear
+def native_plan(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.Module | None = None) -> RunPlan:
+    """How the native engine runs ``config`` on ``model`` with these block lists; raises a clear
     error naming the field when it cannot (the handle's config, a request's or an override's)."""
     from ...errors import BackendUnavailableError, DiTCacheConfigError
     from ...strategies._options import validate as validate_options
@@ -565,13 +566,15 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig, model_class: str
     options = validate_options(spec.name, "native", spec.native.options, config.options)
     method = _method_class(spec.native.method) if spec.native.method else None
     if method is not None:
-        options = method.prepare_options(options, model_class)
+        options = method.prepare_options(options, type(model).__name__ if model is not None else None)
+        method.check_blocks(options, lists[0].blocks[0] if lists and lists[0].blocks else None)
     verify, skip_call = options.get("verify"), bool(options.get("skip_call", False))
     if skip_call and (spec.native.measured or verify is not None or (method and not method.decides_before_call)):
         raise DiTCacheConfigError(
             "options.skip_call", True, f"false for strategy {spec.name!r}" + (" with options.verify" if verify else ""),
             hint="a whole call can be skipped only when the decision is known before it (taylorseer, magcache, "
                  "easycache); front blocks, a verified forecaster or teacache's modulated input need the call to run")
+    latent = latent_parameter(model) if skip_call and model is not None else None
     # Without a measure on the front blocks nothing runs before the decision and the whole chain is
     # approximated; a verified forecaster needs one front block to check its forecast against.
     front, back = (config.front_blocks, config.back_blocks) if spec.native.measured else (1 if verify else 0, 0)
@@ -580,7 +583,7 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig, model_class: str
     return RunPlan(config, enabled=True, layout=ChainLayout(lists, front, back), rules=rules,
                    measured=spec.native.measured, forecast_order=config.taylorseer_order,
                    separate_cfg=config.separate_cfg is not False,  # "auto" -> separate: always correct
-                   method=method, options=options, verify=verify, skip_call=skip_call)
+                   method=method, options=options, verify=verify, skip_call=skip_call, latent=latent)
 
 
 class _Calibrating(StepRules):

@@ -105,6 +105,10 @@ class Method:
         return options
 
     @classmethod
+    def check_blocks(cls, options: Mapping[str, Any], first_block: torch.nn.Module | None) -> None:
+        """Refuse, at enable time, options the model's first cached block cannot serve."""
+
+    @classmethod
     def check_run(cls, options: Mapping[str, Any], run: RunState) -> None:
         """Refuse a run the method cannot serve when it starts (before any transformer call)."""
 

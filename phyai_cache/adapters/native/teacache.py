@@ -11,7 +11,11 @@ consecutive steps, rescaled by a polynomial ``p`` fitted per model (output chang
 TeaCache's per-model code does for FLUX, HunyuanVideo and others (one extra norm and modulation
 linear per step, nothing else); ``"input"`` uses the chain's hidden input itself (any model, no
 timestep modulation); ``"auto"`` (default) is ``"modulated"`` where the first block has such a norm
-and a ``temb`` argument, else ``"input"``.
+and a ``temb`` argument, else ``"input"``. The norm must have parameters of its own (the modulation
+projection from ``temb``): a parameter-free adaptive norm applies a modulation computed outside it,
+which the block may first slice from its ``temb`` (Chroma's double block passes ``temb[:, :6]`` of a
+``[B, 12, D]`` ``temb`` to its pruned ``norm1``), so ``"auto"`` measures the input there and
+``"modulated"`` is refused at enable time (:func:`modulating_norm`).
 
 ``options.coefficients`` is ``p`` (highest degree first, ``numpy.poly1d`` order); without it ``p`` is
 the identity (the raw input change). ``phyai-cache calibrate --strategy teacache`` fits it on the
@@ -26,9 +30,9 @@ from typing import Any
 import torch
 
 from ...decision import Decision
-from ...errors import CacheStateError
+from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import RunState
-from .method import Method, StepInputs, mean_abs
+from .method import Method, StepInputs, _signature, mean_abs
 
 IDENTITY = (1.0, 0.0)
 
@@ -45,6 +49,17 @@ class TeaCacheMethod(Method):
         self.accumulated = 0.0
         self.candidate: float | None = None
 
+    @classmethod
+    def check_blocks(cls, options: Mapping[str, Any], first_block: torch.nn.Module | None) -> None:
+        if options.get("probe") == "modulated" and modulating_norm(first_block) is None:
+            block = type(first_block).__name__ if first_block is not None else "none"
+            raise DiTCacheConfigError(
+                "options.probe", "modulated", "'auto' or 'input' for this model",
+                hint=f"the first cached block ({block}) has no adaptive norm (norm1 or norm) with a modulation "
+                     "projection of its own that takes the block's temb argument (a parameter-free norm, as in "
+                     "Chroma, applies a modulation sliced outside it); 'auto' measures the chain input here, or "
+                     "use strategy 'magcache', 'easycache' or 'fbcache'")
+
     # -- the modulated input -------------------------------------------------------------------
 
     def modulated(self, inputs: StepInputs) -> torch.Tensor:
@@ -57,11 +72,10 @@ class TeaCacheMethod(Method):
             return inputs.hidden
         norm, temb = _adaptive_norm(inputs)
         if norm is None:
-            if self.probe == "modulated":
-                block = type(inputs.first_block).__name__ if inputs.first_block is not None else "none"
+            if self.probe == "modulated":  # the norm was checked at enable: this call passed no temb tensor
                 raise CacheStateError(
-                    f"teacache options.probe 'modulated' needs a first block with an adaptive norm (norm1 or norm) "
-                    f"and a temb argument; the first block is {block}. Use options.probe 'input' (or 'auto')")
+                    f"teacache options.probe 'modulated' needs the first block's temb argument as a tensor; "
+                    f"{type(inputs.first_block).__name__} got none. Use options.probe 'input' (or 'auto')")
             return inputs.hidden
         # The chain input is the first block's hidden input: modulate this branch's rows of it.
         output = norm(inputs.hidden, emb=inputs.rows_of(temb))
@@ -121,23 +135,22 @@ def _poly(coefficients: tuple[float, ...], x: float) -> float:
 
 
 def _adaptive_norm(inputs: StepInputs) -> tuple[Any, Any]:
-    block = inputs.first_block
-    if block is None:
-        return None, None
-    temb = inputs.block_argument("temb")
-    if not isinstance(temb, torch.Tensor):
-        return None, None
+    norm = modulating_norm(inputs.first_block)
+    temb = inputs.block_argument("temb") if norm is not None else None
+    return (norm, temb) if isinstance(temb, torch.Tensor) else (None, None)
+
+
+def modulating_norm(block: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The first block's adaptive norm that modulates with the block's own ``temb``, or None.
+
+    The norm must own its modulation projection (have parameters): a parameter-free adaptive norm
+    applies a modulation computed outside the block, which the block may slice from its ``temb``
+    first (Chroma's pruned norms: its double block passes ``temb[:, :6]`` of a ``[B, 12, D]``
+    ``temb``), so calling it with the whole ``temb`` would be wrong."""
+    if block is None or "temb" not in _signature(type(block)).parameters:
+        return None
     for name in ("norm1", "norm"):
         norm = getattr(block, name, None)
-        if isinstance(norm, torch.nn.Module) and "emb" in _parameters(norm):
-            return norm, temb
-    return None, None
-
-
-def _parameters(module: torch.nn.Module) -> tuple[str, ...]:
-    import inspect
-
-    try:
-        return tuple(inspect.signature(type(module).forward).parameters)
-    except (TypeError, ValueError):
-        return ()
+        if isinstance(norm, torch.nn.Module) and "emb" in _signature(type(norm)).parameters:
+            return norm if any(True for _ in norm.parameters()) else None
+    return None

@@ -8,12 +8,22 @@ embedding, no timestep embedding or RoPE table, no block, no output norm or proj
 block-level form still runs on every step. The decision goes through the same sequence and the same
 per-branch state (``decide`` and the engine's ``_commit``), and a computed step runs every block
 (counted like any computed step).
+
+The call's latents are its ``hidden_states`` argument (diffusers' name for them) or, for a model of
+one's own, its forward's first parameter; a diffusers model whose forward has no ``hidden_states``
+(Cosmos3's packed lists of vision, sound and action tokens, Z-Image's list ``x``) is refused at
+enable time. What a cached output is valid for (the cache key) is the latents' and text stream's
+shapes plus the call's string arguments: those are modes that change what the call computes and
+returns (Qwen-Image 2.1's ``kv_cache_mode``: step 0 ``"extract"`` prefills the text KV cache and
+returns the whole joint sequence, later steps ``"cached"`` return the image tokens only), so a step
+whose mode differs from the last computed step's computes (``shape_changed``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...decision import cache_gap, cache_key, decide
-from ...errors import CacheStateError
+from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo
 from .method import StepInputs
 from .policy import ResidualHistory
@@ -53,6 +63,39 @@ def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], An
                           "it needs a tensor, a tuple starting with one, or an output dataclass with .sample")
 
 
+def latent_parameter(model: torch.nn.Module) -> tuple[str, int]:
+    """The (name, position) of the forward parameter that takes ``model``'s latents, or a clear
+    :class:`DiTCacheConfigError` (at enable time) when there is none to forecast from."""
+    signature = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
+    parameters = [p.name for p in signature]
+    if "hidden_states" in parameters:
+        return "hidden_states", parameters.index("hidden_states")
+    if not _is_diffusers_model(model):
+        if signature and signature[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                               inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            return parameters[0], 0
+        return "hidden_states", 0  # forward(*args, **kwargs) (a wrapper): the hidden_states keyword or args[0]
+    raise DiTCacheConfigError(
+        "options.skip_call", True, f"false for {type(model).__name__}",
+        hint=f"whole-call skipping forecasts the call's output from its latents, the forward's hidden_states "
+             f"argument, and {type(model).__name__}.forward has none (its parameters start "
+             f"{', '.join(parameters[:3])}); use the same strategy without skip_call (block-level caching)")
+
+
+def _is_diffusers_model(model: torch.nn.Module) -> bool:
+    try:
+        from diffusers import ModelMixin
+    except ImportError:
+        return False
+    return isinstance(model, ModelMixin)
+
+
+def _call_key(hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """The cache key of a whole call: its tensors' key and its modes (string arguments)."""
+    modes = [a for a in args if isinstance(a, str)] + sorted((k, v) for k, v in kwargs.items() if isinstance(v, str))
+    return (*cache_key(hidden, kwargs.get("encoder_hidden_states")), tuple(modes))
+
+
 def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, args: tuple,
                    kwargs: dict[str, Any]) -> Any:
     """Decide ``call`` before running it; return the forecast output (cached) or run it (computed)."""
@@ -60,12 +103,13 @@ def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, arg
 
     state = engine.runs[call.run]
     plan = state.plan
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    name, position = plan.latent or ("hidden_states", 0)
+    hidden = kwargs.get(name, args[position] if len(args) > position else None)
     if not isinstance(hidden, torch.Tensor):
-        raise CacheStateError("options.skip_call needs the transformer call's hidden states (a hidden_states "
-                              "keyword or the first positional argument)")
+        raise CacheStateError(f"options.skip_call needs the transformer call's latents as one tensor (its {name} "
+                              f"argument); got {type(hidden).__name__}")
     cache = engine._branch_cache(state, call)
-    group = Group(call, state, cache, chain_input=hidden, key=cache_key(hidden, kwargs.get("encoder_hidden_states")))
+    group = Group(call, state, cache, chain_input=hidden, key=_call_key(hidden, args, kwargs))
     method = cache.method
     if method is not None:
         group.inputs = StepInputs(call, hidden)
@@ -85,7 +129,9 @@ def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, arg
     call.scratch = decision  # the block wrappers see a decided call: they run (and count) every block
     output = original(*args, **kwargs)
     tensor, rebuild = split_output(output)
-    if cache.output is None:
+    history = cache.output.history if cache.output is not None else None
+    if history is None or (history.factors and history.factors[0].shape != tensor.shape):
+        # A new output shape the key did not foresee: what was kept is for another shape.
         cache.output = CallOutput(ResidualHistory(plan.forecast_order), rebuild)
     # A copy: the pipeline owns the output and may change it in place (a cached tensor changed
     # behind the cache's back is how SGLang #33827 corrupted images).
