@@ -22,18 +22,7 @@ SUPPORT_MD = Path(__file__).resolve().parents[1] / "docs" / "support.md"
 # Enabling succeeds but the run is wrong, today. Each entry is an open finding (docs/support.md lists
 # them): the test fails when one disappears (update this table and the docs) or a new one appears.
 KNOWN_FINDINGS: dict[tuple[str, str, str], str] = {
-    # Cache-DiT replaces the block list with one CachedBlocks module; models that read attributes of
-    # their blocks in forward break at the first call.
-    **{(name, "cache_dit", strategy): f"AttributeError: 'CachedBlocks_Pattern_3_4_5' object has no attribute '{attr}'"
-       for name, attr in (("ace-step", "self_attn"), ("dit", "norm1"), ("transformer-2d", "norm1"),
-                          ("qwenimage21", "attn"))
-       for strategy in ("fbcache", "dbcache")},
-    # Cache-DiT calls every block with the first block's arguments: HunyuanDiT's second half takes `skip`.
-    **{("hunyuandit", "cache_dit", s): "TypeError: expected Tensor as element 1 in argument 0, but got NoneType"
-       for s in ("fbcache", "dbcache")},
-    # Cache-DiT passes the second stream positionally and again as a keyword.
-    **{("ltx2", "cache_dit", s): "TypeError: LTX2VideoTransformerBlock.forward() got multiple values for argument "
-                                 "'audio_hidden_states'" for s in ("fbcache", "dbcache")},
+    # None today: every earlier finding is now served or refused at enable time (see the git log).
 }
 
 

@@ -21,6 +21,7 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read once, when cache_d
 cache_dit = pytest.importorskip("cache_dit")
 
 import phyai_cache.adapters.cache_dit as adapter_module  # noqa: E402
+import phyai_cache.testing.families as families  # noqa: E402
 import phyai_cache.lifecycle as lifecycle_module  # noqa: E402
 from snapshots import target_fingerprint  # noqa: E402
 
@@ -144,14 +145,55 @@ def test_families_cache_dit_cannot_serve_are_refused_at_enable(tiny, family, str
 
 
 @pytest.mark.skipif(not family_available("qwenimage21"), reason="this diffusers has no Qwen-Image 2.1")
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "open finding (docs/support.md): given Qwen-Image 2.1's block spec, enabling succeeds but the first call "
-    "fails: Cache-DiT replaces transformer_blocks with one CachedBlocks module and the model's forward reads "
-    "block.attn.processor of every block"))
-def test_qwenimage21_with_its_block_spec_fails_at_the_first_call(tiny):
+@pytest.mark.parametrize("strategy", list(SERVED))
+def test_qwenimage21_with_its_block_spec_is_refused_at_enable_and_auto_serves_it(tiny, strategy):
+    """Cache-DiT puts one CachedBlocks module in place of transformer_blocks for the whole call and the
+    model's forward reads block.attn.processor of every block: the first call raised AttributeError."""
     pipeline = tiny("qwenimage21")
-    enable_dit_cache(pipeline.pipe, blocks=pipeline.blocks, **ON)
-    pipeline.run(num_inference_steps=3)
+    reference = pipeline.run(num_inference_steps=3, cfg=True)
+    before = target_fingerprint(pipeline.pipe)
+    with pytest.raises(DiTCacheConfigError, match="backend='native', which serves this model") as info:
+        enable_dit_cache(pipeline.pipe, blocks=pipeline.blocks, **{**ON, **SERVED[strategy]})
+    assert (info.value.field, info.value.value) == ("target", "QwenImage21Transformer2DModel")
+    assert target_fingerprint(pipeline.pipe) == before
+    assert torch.equal(pipeline.run(num_inference_steps=3, cfg=True), reference)
+    # The tiny random model's residual changes by more than 100 % per step: a threshold the native
+    # engine (diff < threshold) can meet.
+    auto = {**ON, **SERVED[strategy], "backend": "auto", "threshold": 2.0}
+    handle = enable_dit_cache(pipeline.pipe, blocks=pipeline.blocks, **auto)
+    pipeline.run(num_inference_steps=6, cfg=True)
+    assert handle.last_run.backend == "native" and handle.last_run.steps_cached > 0
+
+
+# Families whose first call under Cache-DiT raised (the support matrix's former findings), refused at
+# enable time now: the models in the adapter's table, and LTX-2, whose second stream is not the block's
+# encoder_hidden_states parameter. Value: the field the refusal names.
+CALL_TIME_FAILURES = {
+    **{f.name: "target" for f in families.FAMILIES if f.model_class in adapter_module._FORWARD_USES_BLOCKS},
+    "ltx2": "blocks",
+}
+
+
+def test_the_table_of_models_cache_dit_cannot_run_names_real_families():
+    assert set(adapter_module._FORWARD_USES_BLOCKS) <= {f.model_class for f in families.FAMILIES}
+
+
+@pytest.mark.parametrize("name", sorted(CALL_TIME_FAILURES))
+def test_models_cache_dit_would_fail_on_are_refused_untouched_and_auto_serves_them(name):
+    if not SUPPORTED:
+        pytest.skip(f"cache-dit {cache_dit.__version__} is older than the adapter supports (test_version_gating)")
+    fam = families.family(name)
+    transformer = fam.build()
+    reference = families.denoise(fam, transformer)
+    before = families.target_fingerprint(transformer)
+    for strategy in ("fbcache", "dbcache"):
+        with pytest.raises(DiTCacheConfigError, match="backend='native', which serves this model") as info:
+            enable_dit_cache(transformer, blocks=fam.blocks, **{**ON, **SERVED[strategy]})
+        assert info.value.field == CALL_TIME_FAILURES[name]
+    assert families.target_fingerprint(transformer) == before
+    assert all(torch.equal(a, b) for a, b in zip(families.denoise(fam, transformer), reference))
+    cells = families.run_family(fam, [("auto", "fbcache"), ("auto", "dbcache")])
+    assert [cell.status for cell in cells] == [families.SERVED] * 2, cells
 
 
 @pytest.mark.parametrize("family", SERVED_FAMILIES)
