@@ -54,12 +54,22 @@ def relative_l1(current: torch.Tensor, reference: torch.Tensor, group: SumOverRa
     return float(ratio.item())
 
 
-def cache_key(hidden: Any, encoder: Any = None) -> CacheKey:
-    """What cached tensors are valid for: any change of shape, dtype or device invalidates them."""
+def cache_key(hidden: Any, encoder: Any = None, modes: tuple = ()) -> CacheKey:
+    """What cached tensors are valid for: any change of shape, dtype or device invalidates them, and
+    so does a change of the call's modes (:func:`call_modes`)."""
     if not isinstance(hidden, torch.Tensor):
         return (None,)
     encoder_shape = tuple(encoder.shape) if isinstance(encoder, torch.Tensor) else None
-    return (tuple(hidden.shape), hidden.dtype, hidden.device, encoder_shape)
+    return (tuple(hidden.shape), hidden.dtype, hidden.device, encoder_shape, modes)
+
+
+def call_modes(args: tuple | None, kwargs: dict[str, Any] | None) -> tuple:
+    """The transformer call's string arguments: modes that change what the call computes and returns,
+    with inputs of the same shapes (Qwen-Image 2.1's ``kv_cache_mode``: step 0 ``"extract"`` prefills
+    the text KV cache and returns the whole joint sequence, later steps ``"cached"`` return the image
+    tokens only). Anything cached under one mode is not valid under another."""
+    positional = tuple(a for a in args or () if isinstance(a, str))
+    return positional + tuple(sorted((k, v) for k, v in (kwargs or {}).items() if isinstance(v, str)))
 
 
 def cache_gap(key: CacheKey, stored_key: CacheKey | None, has_cache: bool = True) -> str | None:

@@ -170,17 +170,24 @@ def test_phyai_families_cfg_on_and_off_run_after_run(strategy, family):
         assert torch.equal(out, fresh.run(num_inference_steps=8, cfg=cfg))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "open finding: Qwen-Image 2.1's pipeline prefills a KV cache at step 0 (text + image tokens) and runs "
-    "the image tokens only from step 1; a PAB/FasterCache timestep range that lets step 1 reuse the "
-    "attention output of step 0 broadcasts a 24-token tensor onto 16 tokens (size mismatch). Default "
-    "ranges start reuse later, which is why the matrix above serves it"))
 @pytest.mark.parametrize("strategy", ["pab", "fastercache"])
-def test_attention_reuse_across_qwenimage21_kv_cache_shape_change(strategy):
+def test_attention_reuse_across_qwenimage21_kv_cache_mode_change(strategy):
+    """Qwen-Image 2.1 prefills a text KV cache at step 0 (kv_cache_mode "extract": text + image tokens)
+    and runs the image tokens only from step 1 ("cached"), with inputs of the same shapes. The mode is
+    part of the cache key (decision.call_modes), so step 1 computes in each branch instead of
+    broadcasting step 0's 24-token attention output onto 16 tokens (which raised before)."""
     tiny = build_tiny_pipeline("qwenimage21")
     every_timestep = {"options": {"spatial_attention_timestep_skip_range": [-1, 1001]}}
-    enable_dit_cache(tiny.pipe, blocks=tiny.blocks, **settings(strategy, "qwenimage21", **every_timestep))
-    tiny.run(num_inference_steps=6, cfg=True)
+    handle = enable_dit_cache(tiny.pipe, blocks=tiny.blocks, **settings(strategy, "qwenimage21", **every_timestep))
+    out = tiny.run(num_inference_steps=6, cfg=True)
+    records = handle.last_run.records
+    for branch in ("cond", "uncond"):
+        step_one = next(r for r in records if r.branch == branch and r.step == 1)
+        assert (step_one.decision, step_one.reason) == ("computed", "shape_changed")
+    assert handle.last_run.steps_cached > 0  # later steps of the same mode reuse attention
+    fresh = build_tiny_pipeline("qwenimage21")
+    enable_dit_cache(fresh.pipe, blocks=fresh.blocks, **settings(strategy, "qwenimage21", **every_timestep))
+    assert torch.equal(out, fresh.run(num_inference_steps=6, cfg=True))
 
 
 def test_block_caches_skip_blocks_and_attention_caches_skip_attention(flux):

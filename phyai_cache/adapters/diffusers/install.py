@@ -29,7 +29,7 @@ import torch
 
 from ..._patch import MISSING, DictSnapshot, InstancePatch, UndoStack, is_stale_hook_forward
 from ...blocks import BlockList
-from ...decision import SharedDecisions, cache_key
+from ...decision import SharedDecisions, cache_key, call_modes
 from ...instrument import BlockCounter
 from ...runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates
 from ...stats import tensor_bytes
@@ -265,7 +265,7 @@ def _input_key(call: CallInfo) -> tuple:
     """The cache key of a transformer call's inputs (diffusers transformers' argument names)."""
     kwargs = call.kwargs or {}
     return cache_key(kwargs.get("hidden_states", call.args[0] if call.args else None),
-                     kwargs.get("encoder_hidden_states"))
+                     kwargs.get("encoder_hidden_states"), call_modes(call.args, kwargs))
 
 
 def _state_holders(hooks: list[NewHook]) -> list[Any]:

@@ -43,6 +43,7 @@ from ...decision import (
     StepRules,
     cache_gap,
     cache_key,
+    call_modes,
     decide,
     record,
     relative_l1,
@@ -366,7 +367,7 @@ class ChainInstallation(Installation):
             if group.decision is not None:  # decided before the call
                 continue
             group.chain_input = group.rows(hidden)
-            group.key = cache_key(group.chain_input, group.rows(encoder))
+            group.key = cache_key(group.chain_input, group.rows(encoder), call_modes(group.call.args, group.call.kwargs))
             if not group.state.plan.enabled:
                 self._commit(group, Decision(False, "disabled"))
             elif group.cache.method is not None:

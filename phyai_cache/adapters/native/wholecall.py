@@ -12,11 +12,10 @@ per-branch state (``decide`` and the engine's ``_commit``), and a computed step 
 The call's latents are its ``hidden_states`` argument (diffusers' name for them) or, for a model of
 one's own, its forward's first parameter; a diffusers model whose forward has no ``hidden_states``
 (Cosmos3's packed lists of vision, sound and action tokens, Z-Image's list ``x``) is refused at
-enable time. What a cached output is valid for (the cache key) is the latents' and text stream's
-shapes plus the call's string arguments: those are modes that change what the call computes and
-returns (Qwen-Image 2.1's ``kv_cache_mode``: step 0 ``"extract"`` prefills the text KV cache and
-returns the whole joint sequence, later steps ``"cached"`` return the image tokens only), so a step
-whose mode differs from the last computed step's computes (``shape_changed``).
+enable time. What a cached output is valid for is the one cache key of every backend
+(``decision.cache_key``): the latents' and text stream's shapes plus the call's modes
+(``decision.call_modes``, e.g. Qwen-Image 2.1's ``kv_cache_mode``), so a step whose mode differs from
+the last computed step's computes (``shape_changed``).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...decision import cache_gap, cache_key, decide
+from ...decision import cache_gap, cache_key, call_modes, decide
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo
 from .method import StepInputs
@@ -90,12 +89,6 @@ def _is_diffusers_model(model: torch.nn.Module) -> bool:
     return isinstance(model, ModelMixin)
 
 
-def _call_key(hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> tuple:
-    """The cache key of a whole call: its tensors' key and its modes (string arguments)."""
-    modes = [a for a in args if isinstance(a, str)] + sorted((k, v) for k, v in kwargs.items() if isinstance(v, str))
-    return (*cache_key(hidden, kwargs.get("encoder_hidden_states")), tuple(modes))
-
-
 def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, args: tuple,
                    kwargs: dict[str, Any]) -> Any:
     """Decide ``call`` before running it; return the forecast output (cached) or run it (computed)."""
@@ -109,7 +102,7 @@ def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, arg
         raise CacheStateError(f"options.skip_call needs the transformer call's latents as one tensor (its {name} "
                               f"argument); got {type(hidden).__name__}")
     cache = engine._branch_cache(state, call)
-    group = Group(call, state, cache, chain_input=hidden, key=_call_key(hidden, args, kwargs))
+    group = Group(call, state, cache, chain_input=hidden, key=cache_key(hidden, kwargs.get("encoder_hidden_states"), call_modes(args, kwargs)))
     method = cache.method
     if method is not None:
         group.inputs = StepInputs(call, hidden)
