@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from counting import count_block_executions
+import diffusers
 import torch
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read once, when cache_dit is first imported
@@ -183,6 +184,8 @@ def test_models_cache_dit_would_fail_on_are_refused_untouched_and_auto_serves_th
     if not SUPPORTED:
         pytest.skip(f"cache-dit {cache_dit.__version__} is older than the adapter supports (test_version_gating)")
     fam = families.family(name)
+    if not hasattr(diffusers, fam.model_class):  # tests_compat runs this suite on an older diffusers
+        pytest.skip(f"diffusers {diffusers.__version__} has no {fam.model_class}")
     transformer = fam.build()
     reference = families.denoise(fam, transformer)
     before = families.target_fingerprint(transformer)
