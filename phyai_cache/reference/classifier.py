@@ -16,6 +16,25 @@ from torch import nn
 from . import assets
 from .imaging import downsample_images
 
+NUM_CLASSES = 10  # the digits 0-9, drawn by both reference models
+NULL_CLASS = 10  # the unconditional class (the CFG negative) of both models
+
+
+def check_indices(values: Sequence[int] | torch.Tensor, top: int, what: str, names: Sequence[str] = ()) -> torch.Tensor:
+    """``values`` as a 1-D long tensor, or a ValueError naming ``what`` and the allowed range 0..top."""
+    index = torch.as_tensor(values, dtype=torch.long)
+    allowed = f"0..{top}" + (f" ({', '.join(names)})" if names else "")
+    if index.ndim != 1 or index.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty sequence of ints in {allowed}")
+    if index.min() < 0 or index.max() > top:
+        raise ValueError(f"{what} must be in {allowed}, got {index.tolist()}")
+    return index
+
+
+def check_labels(labels: Sequence[int] | torch.Tensor, allow_null: bool = False) -> torch.Tensor:
+    """Digit labels as a 1-D long tensor; ``allow_null`` admits :data:`NULL_CLASS`."""
+    return check_indices(labels, NULL_CLASS if allow_null else NUM_CLASSES - 1, "labels")
+
 
 def load_classifier() -> nn.Linear:
     """The shipped 64 -> 10 classifier; input is 8x8 features in the 0..16 range."""

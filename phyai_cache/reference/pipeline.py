@@ -22,12 +22,11 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from . import assets
+from .classifier import NULL_CLASS, NUM_CLASSES, check_labels  # noqa: F401  (NUM_CLASSES: re-exported)
 from .imaging import IMAGE_SIZE, model_space_to_images, unpack_latents
 
 logger = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
-NULL_CLASS = 10
 
 # One down/up block -> vae_scale_factor = 2 ** (1 - 1) = 1.  Weights are random and unused.
 DUMMY_VAE_CONFIG: dict[str, Any] = {
@@ -98,16 +97,6 @@ def load_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device
     return pipe
 
 
-def _check_labels(labels: Sequence[int], allow_null: bool = False) -> torch.Tensor:
-    index = torch.as_tensor(list(labels), dtype=torch.long)
-    if index.ndim != 1 or index.numel() == 0:
-        raise ValueError("labels must be a non-empty sequence of ints")
-    top = NULL_CLASS if allow_null else NUM_CLASSES - 1
-    if index.min() < 0 or index.max() > top:
-        raise ValueError(f"labels must be in 0..{top}, got {index.tolist()}")
-    return index
-
-
 def class_embeddings(
     labels: Sequence[int],
     null: bool = False,
@@ -119,7 +108,7 @@ def class_embeddings(
     With ``null=True`` every row is the null class (label 10), i.e. the
     unconditional embedding used for classifier-free guidance.
     """
-    index = _check_labels(labels, allow_null=True)
+    index = check_labels(labels, allow_null=True)
     if null:
         index = torch.full_like(index, NULL_CLASS)
     table = assets.load_tensors(assets.EMBEDDINGS_FILE)
@@ -155,7 +144,7 @@ def call_kwargs(
     enables Flux's *true* CFG (a second, unconditional transformer call per
     step) against the null class.
     """
-    _check_labels(labels)
+    check_labels(labels)
     kwargs: dict[str, Any] = {
         **class_embeddings(labels, dtype=dtype, device=device),
         "height": IMAGE_SIZE,

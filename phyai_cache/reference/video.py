@@ -41,13 +41,11 @@ import torch
 from torch import nn
 
 from . import assets
-from .classifier import load_classifier
+from .classifier import NULL_CLASS, NUM_CLASSES, check_indices, check_labels, load_classifier  # noqa: F401  (re-exported)
 from .imaging import downsample_images
 
 NUM_FRAMES = 8
 FRAME_SIZE = 16
-NUM_CLASSES = 10
-NULL_CLASS = 10
 MOTIONS = ("right", "left")
 MOTION_STEPS = ((0, 1), (0, -1))  # (dy, dx) pixels per frame
 NULL_MOTION = len(MOTIONS)
@@ -113,11 +111,7 @@ def _load_tensors(name: str) -> dict[str, torch.Tensor]:
 
 
 def check_motions(motions: Sequence[int] | torch.Tensor, allow_null: bool = False) -> torch.Tensor:
-    index = torch.as_tensor(motions, dtype=torch.long).reshape(-1)
-    top = NULL_MOTION if allow_null else NULL_MOTION - 1
-    if index.numel() == 0 or index.min() < 0 or index.max() > top:
-        raise ValueError(f"motions must be in 0..{top} ({', '.join(MOTIONS)}), got {index.tolist()}")
-    return index
+    return check_indices(motions, NULL_MOTION if allow_null else NULL_MOTION - 1, "motions", MOTIONS)
 
 
 def default_motions(batch_size: int) -> list[int]:
@@ -234,18 +228,10 @@ def clip_quality(frames: torch.Tensor, labels: Sequence[int] | torch.Tensor,
 # -- conditioning and pipeline ------------------------------------------------------------------
 
 
-def _check_labels(labels: Sequence[int] | torch.Tensor, allow_null: bool = False) -> torch.Tensor:
-    index = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    top = NULL_CLASS if allow_null else NUM_CLASSES - 1
-    if index.numel() == 0 or index.min() < 0 or index.max() > top:
-        raise ValueError(f"labels must be in 0..{top}, got {index.tolist()}")
-    return index
-
-
 def conditioning(labels: Sequence[int] | torch.Tensor, motions: Sequence[int] | torch.Tensor,
                  table: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, 4, 32) ``prompt_embeds``: 2 digit tokens then 2 motion tokens (label 10 / motion 2 = null)."""
-    digits = table["digit_embeds"][_check_labels(labels, allow_null=True)]
+    digits = table["digit_embeds"][check_labels(labels, allow_null=True)]
     moves = table["motion_embeds"][check_motions(motions, allow_null=True)]
     if digits.shape[0] != moves.shape[0]:
         raise ValueError(f"{digits.shape[0]} labels but {moves.shape[0]} motions")
@@ -258,7 +244,7 @@ def video_embeddings(labels: Sequence[int], motions: Sequence[int] | None = None
 
     With ``null=True`` every row is the null digit and null motion: the unconditional embedding for CFG.
     """
-    index = _check_labels(labels, allow_null=True)
+    index = check_labels(labels, allow_null=True)
     motions = default_motions(len(index)) if motions is None else motions
     if null:
         index, motions = torch.full_like(index, NULL_CLASS), [NULL_MOTION] * len(index)
@@ -305,7 +291,7 @@ def video_call_kwargs(labels: Sequence[int], motions: Sequence[int] | None = Non
     step); without it ``guidance_scale`` is 1.0 (Wan's default 5.0 would try to encode a negative
     prompt, and there is no text encoder).
     """
-    index = _check_labels(labels)
+    index = check_labels(labels)
     motions = default_motions(len(index)) if motions is None else check_motions(motions).tolist()
     kwargs: dict[str, Any] = {
         "prompt_embeds": video_embeddings(index, motions, dtype=dtype, device=device),
