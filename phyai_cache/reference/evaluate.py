@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline
 
+from ..cli_options import add_threads_option, apply_threads
 from .classifier import agreement, load_classifier
 from .pipeline import NUM_CLASSES, call_kwargs, generate, load_pipeline
 
@@ -124,9 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Evaluate the reference model")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per setting (10 digits each)")
     parser.add_argument("--grid", type=Path, default=None, help="write a sample grid PNG here")
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_option(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     pipe = load_pipeline()
     seeds = range(args.seeds)

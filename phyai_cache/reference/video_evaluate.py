@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..cli_options import add_threads_option, apply_threads
 from .classifier import load_classifier
 from .evaluate import write_tile_grid
 from .video import (
@@ -88,10 +89,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Evaluate the video reference model")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per setting (10 clips each)")
     parser.add_argument("--grid", type=Path, default=None, help="write a frame grid PNG here")
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_option(parser)
     parser.add_argument("--quick", action="store_true", help="20 steps only, no CFG / 50-step settings")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     pipe = load_video_pipeline()
     seeds = range(args.seeds)
