@@ -270,14 +270,33 @@ def _module_list_children(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList) and name]
 
 
+def forward_signature(cls: type) -> inspect.Signature | None:
+    """The signature of ``cls.forward`` (self included), or None where Python cannot read one.
+
+    The class's forward, not an instance attribute: another library may have wrapped that with a
+    ``(*args, **kwargs)`` hook. Cached per class: it is read on hot paths too (a method's probe
+    binding a block's arguments on every step).
+    """
+    if cls not in _FORWARD_SIGNATURES:
+        try:
+            _FORWARD_SIGNATURES[cls] = inspect.signature(cls.forward)
+        except (TypeError, ValueError):
+            _FORWARD_SIGNATURES[cls] = None
+    return _FORWARD_SIGNATURES[cls]
+
+
+def forward_parameters(module: torch.nn.Module) -> list[inspect.Parameter]:
+    """The parameters of ``module``'s class forward, self excluded (empty where unreadable)."""
+    signature = forward_signature(type(module))
+    return list(signature.parameters.values())[1:] if signature is not None else []
+
+
+_FORWARD_SIGNATURES: dict[type, inspect.Signature | None] = {}
+
+
 def _locate_argument(module: torch.nn.Module, arg: str | int, path: str, field: str) -> tuple[str | None, int | None]:
     """(name, position) of a block argument given by name or position."""
-    try:
-        # The class's forward, not the instance attribute: another library may have wrapped it
-        # with a (*args, **kwargs) hook.
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        parameters = []
+    parameters = forward_parameters(module)
     positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if isinstance(arg, bool) or not isinstance(arg, (str, int)):
         raise DiTCacheConfigError(f"blocks[{path}].{field}", arg, "a parameter name or position")
@@ -314,11 +333,7 @@ def check_block_counts(front: int, back: int, total: int, where: str = "") -> No
 
 
 def _positional_names(module: torch.nn.Module) -> list[str]:
-    try:
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [p.name for p in forward_parameters(module) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _take_rows(value: Any, index: torch.Tensor, batch: int, what: str) -> Any:

@@ -247,4 +247,4 @@ def relative_l1_groups(current: torch.Tensor, reference: torch.Tensor, sizes: li
 
 
 __all__ = ["CACHED", "BranchCounters", "Decision", "SharedDecisions", "StepRules", "cache_gap", "cache_key",
-           "decide", "record", "relative_l1", "relative_l1_groups"]
+           "call_modes", "decide", "record", "relative_l1", "relative_l1_groups"]

@@ -9,12 +9,12 @@ detected here so enabling fails instead, with the target untouched.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
 import torch
 
+from ...blocks import forward_parameters
 from ...errors import CacheStateError, DiTCacheConfigError
 
 NATIVE_HINT = "backend 'native' serves fbcache/dbcache/taylorseer on any block list"
@@ -155,10 +155,7 @@ class TimestepReader:
 
     def __init__(self, transformer: torch.nn.Module, pipeline: Any) -> None:
         self.pipeline = pipeline
-        try:
-            parameters = list(inspect.signature(type(transformer).forward).parameters)[1:]
-        except (TypeError, ValueError):
-            parameters = []
+        parameters = [p.name for p in forward_parameters(transformer)]
         self.name = next((name for name in TIMESTEP_ARGUMENTS if name in parameters), TIMESTEP_ARGUMENTS[0])
         self.position = parameters.index(self.name) if self.name in parameters else None
 

@@ -25,13 +25,13 @@ Per-step figures a method wants reported (e.g. the magnitude ratio while calibra
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from ...blocks import forward_signature
 from ...decision import Decision
 from ...runtime import CallInfo, RunState
 from ...stats import tensor_bytes
@@ -65,10 +65,10 @@ class StepInputs:
             return None
         if name in self.block_kwargs:
             return self.block_kwargs[name]
+        signature = forward_signature(type(self.first_block))
         try:
-            bound = _signature(type(self.first_block)).bind_partial(self.first_block, *self.block_args,
-                                                                     **self.block_kwargs)
-        except TypeError:
+            bound = signature.bind_partial(self.first_block, *self.block_args, **self.block_kwargs)
+        except (AttributeError, TypeError):  # no readable signature, or arguments it does not take
             return None
         return bound.arguments.get(name)
 
@@ -76,16 +76,6 @@ class StepInputs:
         if not isinstance(tensor, torch.Tensor) or self.rows == slice(None):
             return tensor
         return tensor[self.rows]
-
-
-_SIGNATURES: dict[type, inspect.Signature] = {}
-
-
-def _signature(cls: type) -> inspect.Signature:
-    signature = _SIGNATURES.get(cls)
-    if signature is None:
-        signature = _SIGNATURES[cls] = inspect.signature(cls.forward)
-    return signature
 
 
 class Method:

@@ -32,7 +32,8 @@ import torch
 from ...decision import Decision
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import RunState
-from .method import Method, StepInputs, _signature, mean_abs
+from ...blocks import forward_parameters
+from .method import Method, StepInputs, mean_abs
 
 IDENTITY = (1.0, 0.0)
 
@@ -147,10 +148,14 @@ def modulating_norm(block: torch.nn.Module | None) -> torch.nn.Module | None:
     applies a modulation computed outside the block, which the block may slice from its ``temb``
     first (Chroma's pruned norms: its double block passes ``temb[:, :6]`` of a ``[B, 12, D]``
     ``temb``), so calling it with the whole ``temb`` would be wrong."""
-    if block is None or "temb" not in _signature(type(block)).parameters:
+    if block is None or "temb" not in _names(forward_parameters(block)):
         return None
     for name in ("norm1", "norm"):
         norm = getattr(block, name, None)
-        if isinstance(norm, torch.nn.Module) and "emb" in _signature(type(norm)).parameters:
+        if isinstance(norm, torch.nn.Module) and "emb" in _names(forward_parameters(norm)):
             return norm if any(True for _ in norm.parameters()) else None
     return None
+
+
+def _names(parameters: list) -> set[str]:
+    return {p.name for p in parameters}

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...blocks import forward_parameters
 from ...decision import cache_gap, cache_key, call_modes, decide
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo
@@ -65,12 +66,12 @@ def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], An
 def latent_parameter(model: torch.nn.Module) -> tuple[str, int]:
     """The (name, position) of the forward parameter that takes ``model``'s latents, or a clear
     :class:`DiTCacheConfigError` (at enable time) when there is none to forecast from."""
-    signature = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
-    parameters = [p.name for p in signature]
+    declared = forward_parameters(model)
+    parameters = [p.name for p in declared]
     if "hidden_states" in parameters:
         return "hidden_states", parameters.index("hidden_states")
     if not _is_diffusers_model(model):
-        if signature and signature[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+        if declared and declared[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
                                                inspect.Parameter.POSITIONAL_OR_KEYWORD):
             return parameters[0], 0
         return "hidden_states", 0  # forward(*args, **kwargs) (a wrapper): the hidden_states keyword or args[0]
@@ -102,7 +103,8 @@ def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, arg
         raise CacheStateError(f"options.skip_call needs the transformer call's latents as one tensor (its {name} "
                               f"argument); got {type(hidden).__name__}")
     cache = engine._branch_cache(state, call)
-    group = Group(call, state, cache, chain_input=hidden, key=cache_key(hidden, kwargs.get("encoder_hidden_states"), call_modes(args, kwargs)))
+    key = cache_key(hidden, kwargs.get("encoder_hidden_states"), call_modes(args, kwargs))
+    group = Group(call, state, cache, chain_input=hidden, key=key)
     method = cache.method
     if method is not None:
         group.inputs = StepInputs(call, hidden)
