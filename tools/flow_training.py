@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+from safetensors.torch import save_file
+
+from phyai_cache.cli_options import add_threads_option
 
 BatchLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]  # (model, indices, gen)
 
@@ -31,7 +38,7 @@ def training_parser(description: str, *, out: Path, seconds: float, batch_size: 
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--label-dropout", type=float, default=0.1, help=label_dropout_help)
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_option(parser)
     parser.add_argument("--log-every", type=int, default=log_every)
     return parser
 
@@ -105,11 +112,6 @@ def fit(args: argparse.Namespace, model: torch.nn.Module, num_items: int, batch_
 
 def training_record(args: argparse.Namespace, script: str, stats: dict, *, objective: str, data: str) -> dict:
     """The ``training`` section of the shipped metadata: how to rerun it, and what it ran on."""
-    import os
-    import platform
-
-    import diffusers
-
     return {
         **stats,
         "command": f"OMP_NUM_THREADS=1 PYTHONPATH=. python tools/{script} "
@@ -134,10 +136,6 @@ def training_record(args: argparse.Namespace, script: str, stats: dict, *, objec
 def save_outputs(out: Path, ema: torch.nn.Module, transformer_file: str, tables: dict[str, dict[str, torch.Tensor]],
                  metadata_file: str, meta: dict) -> None:
     """The EMA weights in fp16, the other tensor tables as they are, and the metadata JSON."""
-    import json
-
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in ema.state_dict().items()}
     save_file(state, str(out / transformer_file), metadata={"format": "pt"})

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from flow_training import fit, save_outputs, training_parser, training_record
+
+from phyai_cache.cli_options import apply_threads
 from phyai_cache.reference import assets
 from phyai_cache.reference.imaging import (
     downsample_images,
@@ -190,7 +192,7 @@ def save(out: Path, ema: FluxTransformer2DModel, emb: dict, clf: dict, meta: dic
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     pixels, labels = load_digits()
     data = pack_latents(images_to_model_space(upsample_digits(pixels)))
     emb = make_class_embeddings(args.seed)

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flow_training import fit, save_outputs, training_parser, training_record  # noqa: E402
 from train_reference import load_digits  # noqa: E402  (same data file, same reader)
 
+from phyai_cache.cli_options import apply_threads  # noqa: E402
 from phyai_cache.reference import video  # noqa: E402
 from phyai_cache.reference.imaging import upsample_digits  # noqa: E402
 
@@ -158,7 +159,7 @@ def save(out: Path, ema: WanTransformer3DModel, emb: dict, meta: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    apply_threads(args)
     pixels, labels = load_digits()
     images = upsample_digits(pixels)  # (1797, 1, 16, 16) in [0, 1]
     emb = make_embeddings(args.seed)
