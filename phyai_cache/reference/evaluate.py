@@ -23,6 +23,7 @@ import torch
 from diffusers import FluxPipeline
 
 from ..cli_options import add_threads_option, apply_threads
+from ..decision import relative_l1
 from .classifier import agreement, load_classifier
 from .pipeline import NUM_CLASSES, call_kwargs, generate, load_pipeline
 
@@ -43,22 +44,28 @@ def measure_agreement(
 
 
 class FirstBlockResiduals:
-    """Records the image-stream residual (output - input) of ``transformer_blocks[0]`` per call."""
+    """Records the residual (output - input) of ``block`` per call: of its output, or of
+    ``output[output_index]`` for a block returning several streams (Flux's: the image stream, 1)."""
 
-    def __init__(self, pipe: FluxPipeline) -> None:
+    def __init__(self, block: torch.nn.Module, output_index: int | None = None) -> None:
         self.residuals: list[torch.Tensor] = []
         self._inputs: list[torch.Tensor] = []
-        block = pipe.transformer.transformer_blocks[0]
+        self.output_index = output_index
         self._handles = [
             block.register_forward_pre_hook(self._pre, with_kwargs=True),
             block.register_forward_hook(self._post, with_kwargs=True),
         ]
 
     def _pre(self, module, args, kwargs):
-        self._inputs.append((kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).detach())
+        self._inputs.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach())
 
     def _post(self, module, args, kwargs, output):
-        self.residuals.append((output[1] - self._inputs.pop()).detach().float())
+        stream = output if self.output_index is None else output[self.output_index]
+        self.residuals.append((stream - self._inputs.pop()).detach().float())
+
+    def adjacent_changes(self) -> list[float]:
+        """:func:`~phyai_cache.decision.relative_l1` of each residual against the one before."""
+        return [relative_l1(current, previous) for previous, current in zip(self.residuals, self.residuals[1:])]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -76,16 +83,16 @@ def residual_change(
     per_step: list[list[float]] = [[] for _ in range(num_inference_steps - 1)]
     cosines: list[float] = []
     for seed in seeds:
-        recorder = FirstBlockResiduals(pipe)
+        recorder = FirstBlockResiduals(pipe.transformer.transformer_blocks[0], output_index=1)
         try:
             with torch.no_grad():
                 pipe(**call_kwargs(DIGITS, num_inference_steps, seed, dtype=pipe.transformer.dtype))
         finally:
             recorder.remove()
         res = recorder.residuals
-        for i in range(1, len(res)):
-            prev, cur = res[i - 1], res[i]
-            per_step[i - 1].append(((cur - prev).abs().mean() / prev.abs().mean()).item())
+        for i, change in enumerate(recorder.adjacent_changes()):
+            per_step[i].append(change)
+        for prev, cur in zip(res, res[1:]):
             cosines.append(torch.nn.functional.cosine_similarity(cur.flatten(1), prev.flatten(1)).mean().item())
     curve = [statistics.fmean(v) for v in per_step]
     flat = [x for v in per_step for x in v]

@@ -19,7 +19,7 @@ import torch
 
 from ..cli_options import add_threads_option, apply_threads
 from .classifier import load_classifier
-from .evaluate import write_tile_grid
+from .evaluate import FirstBlockResiduals, write_tile_grid
 from .video import (
     NUM_CLASSES,
     clip_quality,
@@ -48,26 +48,16 @@ def residual_change(pipe: Any, num_inference_steps: int = 20, seeds: Sequence[in
     rel-L1 is ``mean|r_i - r_{i-1}| / mean|r_{i-1}|`` over the batch, the statistic FBCache-style
     caches compare with their threshold; entry ``i`` compares step ``i+1`` with step ``i``.
     """
-    block = pipe.transformer.blocks[0]
     per_step: list[list[float]] = [[] for _ in range(num_inference_steps - 1)]
     for seed in seeds:
-        residuals: list[torch.Tensor] = []
-        inputs: list[torch.Tensor] = []
-        handles = [
-            block.register_forward_pre_hook(lambda m, a, k: inputs.append(
-                (k["hidden_states"] if "hidden_states" in k else a[0]).detach()), with_kwargs=True),
-            block.register_forward_hook(lambda m, a, k, out: residuals.append(
-                (out - inputs.pop()).detach().float()), with_kwargs=True),
-        ]
+        recorder = FirstBlockResiduals(pipe.transformer.blocks[0])
         try:
             with torch.no_grad():
                 pipe(**video_call_kwargs(DIGITS, num_inference_steps=num_inference_steps, seed=seed))
         finally:
-            for handle in handles:
-                handle.remove()
-        for i in range(1, len(residuals)):
-            prev, cur = residuals[i - 1], residuals[i]
-            per_step[i - 1].append(float((cur - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)))
+            recorder.remove()
+        for i, change in enumerate(recorder.adjacent_changes()):
+            per_step[i].append(change)
     curve = [statistics.fmean(values) for values in per_step]
     return {
         "per_step_rel_l1": [round(v, 4) for v in curve],
