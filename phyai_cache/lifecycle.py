@@ -36,7 +36,7 @@ from .config import DiTCacheConfig
 from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
 from .graphs import refuse_capture
 from .requests import Request, Row, RowLike, normalize_rows
-from .runtime import CacheTarget, CallInfo, RunState, TransformerCall
+from .runtime import CacheTarget, CallInfo, RunState, TransformerCall, call_hidden_states
 from .stats import BatchStats, RunStats
 
 logger = logging.getLogger("phyai_cache")
@@ -417,7 +417,7 @@ def _steps_argument(signature: inspect.Signature, pipe: Any, args: tuple, kwargs
 
 def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
     """The batch size of a transformer call, when its hidden states can be found by convention."""
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    hidden = call_hidden_states(args, kwargs)
     return hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
 
 

@@ -34,6 +34,13 @@ class CacheTarget:
         return [o for o in (self.pipeline, self.transformer) if o is not None]
 
 
+def call_hidden_states(args: tuple | None, kwargs: dict[str, Any] | None) -> Any:
+    """A transformer call's latents by diffusers' convention: the ``hidden_states`` keyword, else the
+    first positional argument (None when there is neither)."""
+    kwargs = kwargs or {}
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+
+
 @dataclass
 class CallInfo:
     """One transformer call in a run. Backends fill in the decision they took."""

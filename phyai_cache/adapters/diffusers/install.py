@@ -31,7 +31,7 @@ from ..._patch import MISSING, DictSnapshot, InstancePatch, UndoStack, is_stale_
 from ...blocks import BlockList
 from ...decision import SharedDecisions, cache_key, call_modes
 from ...instrument import BlockCounter
-from ...runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates
+from ...runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates, call_hidden_states
 from ...stats import tensor_bytes
 from ..base import Installation
 from .driver import Driver, DiffusersRunState
@@ -264,7 +264,7 @@ class DiffusersInstallation(Installation):
 def _input_key(call: CallInfo) -> tuple:
     """The cache key of a transformer call's inputs (diffusers transformers' argument names)."""
     kwargs = call.kwargs or {}
-    return cache_key(kwargs.get("hidden_states", call.args[0] if call.args else None),
+    return cache_key(call_hidden_states(call.args, kwargs),
                      kwargs.get("encoder_hidden_states"), call_modes(call.args, kwargs))
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ...errors import CacheStateError
-from ...runtime import CallInfo, RunState
+from ...runtime import CallInfo, RunState, call_hidden_states
 from .driver import DiffusersRunState, Driver
 from .model import TimestepReader
 
@@ -155,7 +155,7 @@ def _builtin_adapter(transformer: torch.nn.Module) -> bool:
 
 def raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor] | None:
     """The call's visual latents as SeaCache wants them: one ``(C, T, H, W)`` tensor per sample."""
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    hidden = call_hidden_states(args, kwargs)
     if not isinstance(hidden, torch.Tensor):
         return None
     if hidden.ndim == 5:  # (B, C, T, H, W): video models
