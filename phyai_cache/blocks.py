@@ -333,7 +333,8 @@ def check_block_counts(front: int, back: int, total: int, where: str = "") -> No
 
 
 def _positional_names(module: torch.nn.Module) -> list[str]:
-    return [p.name for p in forward_parameters(module) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in forward_parameters(module) if p.kind in positional]
 
 
 def _take_rows(value: Any, index: torch.Tensor, batch: int, what: str) -> Any:

@@ -367,7 +367,8 @@ class ChainInstallation(Installation):
             if group.decision is not None:  # decided before the call
                 continue
             group.chain_input = group.rows(hidden)
-            group.key = cache_key(group.chain_input, group.rows(encoder), call_modes(group.call.args, group.call.kwargs))
+            modes = call_modes(group.call.args, group.call.kwargs)
+            group.key = cache_key(group.chain_input, group.rows(encoder), modes)
             if not group.state.plan.enabled:
                 self._commit(group, Decision(False, "disabled"))
             elif group.cache.method is not None:
