@@ -116,7 +116,7 @@ def worker(rank, world_size, steps, rounds, resolution):
     per_call = []
     for _ in range(300):
         start = time.perf_counter()
-        dist.all_reduce(payload, group=layout.group)
+        layout.group.all_reduce_sum(payload)
         per_call.append(time.perf_counter() - start)
     return {
         "rank": rank, "identical_outputs": identical, "steps": steps,

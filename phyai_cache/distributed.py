@@ -15,6 +15,10 @@ What this module adds, and where it plugs in (the decision sequence itself stays
   says about itself (``enable_parallelism``: its ``_parallel_config``), and kept on the
   :class:`~phyai_cache.runtime.CacheTarget`. Data-parallel replicas are separate groups and are
   never reduced together: the world group is never assumed.
+* :class:`Communicator`: the two collectives the cache issues over one group (a sum of one tensor,
+  the first member's tensor to all). A ``torch.distributed`` group is wrapped in
+  :class:`TorchCommunicator` (the default); any other implementation is passed where a group is
+  accepted (phyai's own collectives: :mod:`phyai_cache.integrations.phyai_collectives`).
 * the measure's reduction (:meth:`ParallelLayout.reducer`): each rank sums ``|r_t - r_last|`` and
   ``|r_last|`` over its shard and ONE all-reduce per decision point adds them up (all row groups of
   a step-level batch packed in the same tensor), so every rank computes the whole tensor's
@@ -38,11 +42,13 @@ where that would silently diverge. docs/distributed.md has the support table and
 
 from __future__ import annotations
 
+import abc
+import datetime
 import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -60,25 +66,85 @@ def _dist() -> Any:
     return dist
 
 
+class Communicator(abc.ABC):
+    """The collectives the cache issues over one group of ranks; accepted wherever a group is.
+
+    What the cache needs, and all an implementation provides: ``all_reduce_sum`` (the elementwise
+    sum of one small tensor over the members) and ``broadcast_first`` (the tensor of the first
+    member, ``ranks[0]``, on every member), plus who is in the group. A collective that fails or
+    times out just raises (any exception): :class:`ParallelLayout` turns it into a
+    :class:`~phyai_cache.errors.DistributedCacheError` naming the rank, the group (``name``,
+    ``ranks``, ``timeout``) and the step, and refuses every later collective on that layout at once.
+
+    ``name``: what error messages call the group. ``rank``: this process's global rank. ``ranks``:
+    the members' global ranks in group order (``ranks[0]`` leads CFG). ``device``: where the
+    tensors handed to the collectives must live. ``timeout``: how long a collective waits, where known.
+    """
+
+    name: str
+    rank: int
+    ranks: tuple[int, ...]
+    device: torch.device = torch.device("cpu")
+    timeout: datetime.timedelta | None = None
+
+    @abc.abstractmethod
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of ``tensor`` over the members (may be ``tensor`` itself, summed in place)."""
+
+    @abc.abstractmethod
+    def broadcast_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``ranks[0]``'s ``tensor`` on every member (may be ``tensor`` itself, overwritten in place)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, ranks {list(self.ranks)})"
+
+
+class TorchCommunicator(Communicator):
+    """A ``torch.distributed`` process group: what ``process_group=`` / ``cfg_group=`` wrap by default."""
+
+    def __init__(self, group: Any) -> None:
+        dist = _dist()
+        self.group = group
+        self.name = "a torch.distributed group"
+        self.rank = dist.get_rank()
+        self.ranks = tuple(dist.get_process_group_ranks(group))
+        self.device = _collective_device(group)
+        self.timeout = group_timeout(group)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        _dist().all_reduce(tensor, group=self.group)
+        return tensor
+
+    def broadcast_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        _dist().broadcast(tensor, src=self.ranks[0], group=self.group)
+        return tensor
+
+
 @dataclass
 class ParallelLayout:
-    """The process groups one cached model is spread over, for the whole life of the cache.
+    """The groups one cached model is spread over, for the whole life of the cache.
 
     ``group``: the ranks that each hold a shard (or a replica) of one transformer call; the decision
     statistic is reduced over it. ``cfg_group``: the ranks that hold the CFG branches of one
-    generation; with ``separate_cfg=False`` its rank 0 decides for the others. Either is None when
-    it has a single member (nothing to exchange).
+    generation; with ``separate_cfg=False`` its first member decides for the others. Either is None
+    when it has a single member (nothing to exchange); both are :class:`Communicator` s.
     """
 
-    group: Any
-    cfg_group: Any
+    group: Communicator | None
+    cfg_group: Communicator | None
     source: str
     rank: int
-    group_ranks: tuple[int, ...] = ()
-    cfg_ranks: tuple[int, ...] = ()
     collectives: int = 0  # cache collectives issued so far (tests and benchmarks read it)
     failed: str | None = None  # why an earlier cache collective failed; later ones refuse at once
     _runs: Any = field(default_factory=itertools.count, repr=False)
+
+    @property
+    def group_ranks(self) -> tuple[int, ...]:
+        return self.group.ranks if self.group is not None else (self.rank,)
+
+    @property
+    def cfg_ranks(self) -> tuple[int, ...]:
+        return self.cfg_group.ranks if self.cfg_group is not None else ()
 
     @property
     def cfg_leader(self) -> bool:
@@ -110,37 +176,37 @@ class ParallelLayout:
     # -- collectives ----------------------------------------------------------------------------
 
     def _all_reduce(self, sums: torch.Tensor, tags: list[tuple[float, float]], where: str) -> torch.Tensor:
-        dist = _dist()
+        group = self.group
         tag = torch.tensor(tags, dtype=torch.float64).flatten()
         payload = torch.cat([sums.to(torch.float64), tag.to(sums.device), (tag * tag).to(sums.device)])
-        self._run(lambda: dist.all_reduce(payload, group=self.group), "decision all-reduce", self.group_ranks, where)
-        host = payload.cpu()  # the step's one host sync (the single-process statistic has one too)
-        count, size = sums.numel(), len(self.group_ranks)
+        reduced = self._run(group, lambda: group.all_reduce_sum(payload), "decision all-reduce", where)
+        host = reduced.cpu()  # the step's one host sync (the single-process statistic has one too)
+        count, size = sums.numel(), len(group.ranks)
         total, square = host[count:count + tag.numel()], host[count + tag.numel():]
         # Every rank sent the same tags exactly when their sum is n*t and their sum of squares n*t^2
         # (zero variance); small integers are exact in float64.
         if not (torch.equal(total, tag * size) and torch.equal(square, tag * tag * size)):
-            self._fail(f"ranks {list(self.group_ranks)} met in the cache's decision all-reduce at different "
+            self._fail(f"ranks {list(group.ranks)} met in the cache's decision all-reduce at different "
                        f"decision points (this rank: run {tags[0][0]:.0f}, {where}); they must run the same "
                        "steps, branches and cache config in the same order")
         return host[:count]
 
     def broadcast_decision(self, run: int, step: int, branch: str, cached: bool | None) -> bool:
         """CFG leader: send ``cached``; follower: receive the leader's decision for (run, step)."""
-        dist = _dist()
+        group = self.cfg_group
         payload = torch.tensor([float(bool(cached)), float(run), float(step)], dtype=torch.float64,
-                               device=_collective_device(self.cfg_group))
+                               device=group.device)
         where = f"step {step} of branch {branch!r}"
-        self._run(lambda: dist.broadcast(payload, src=self.cfg_ranks[0], group=self.cfg_group),
-                  "CFG decision broadcast", self.cfg_ranks, where)
-        flag, leader_run, leader_step = payload.tolist()
+        received = self._run(group, lambda: group.broadcast_first(payload), "CFG decision broadcast", where)
+        flag, leader_run, leader_step = received.tolist()
         if (leader_run, leader_step) != (run, step):
-            self._fail(f"the CFG leader (rank {self.cfg_ranks[0]}) decided run {leader_run:.0f} step "
+            self._fail(f"the CFG leader (rank {group.ranks[0]}) decided run {leader_run:.0f} step "
                        f"{leader_step:.0f} while this rank is at run {run} step {step} of branch {branch!r}; "
                        "every CFG rank must call the transformer once per step, in the same runs")
         return bool(flag)
 
-    def _run(self, collective: Callable[[], Any], what: str, ranks: tuple[int, ...], where: str) -> None:
+    def _run(self, group: Communicator, collective: Callable[[], torch.Tensor], what: str, where: str
+             ) -> torch.Tensor:
         if self.failed is not None:
             raise DistributedCacheError(
                 f"rank {self.rank}: an earlier cache collective on this layout failed ({self.failed}), so the process "
@@ -148,17 +214,17 @@ class ParallelLayout:
                 "again with it")
         self.collectives += 1
         try:
-            collective()
-        except Exception as error:  # gloo raises RuntimeError, NCCL DistBackendError; both mean the same here
-            group = self.group if what.startswith("decision") else self.cfg_group
-            self._fail(f"the cache's {what} over ranks {list(ranks)} at {where} failed on rank {self.rank}"
-                       f"{_timeout_note(group)}: {type(error).__name__}: {error}",
+            return collective()
+        except Exception as error:  # gloo raises RuntimeError, NCCL DistBackendError, phyai PhyaiDistError: all one
+            timeout = f" (group timeout {group.timeout.total_seconds():g} s)" if group.timeout is not None else ""
+            self._fail(f"the cache's {what} over ranks {list(group.ranks)} ({group.name}) at {where} failed on rank "
+                       f"{self.rank}{timeout}: {type(error).__name__}: {error}",
                        advice="A peer did not reach the same decision point: it raised, stopped, or runs another "
                               "step, branch or cache config. Look for the first error on the other ranks; then destroy "
                               "the process group (torch.distributed.destroy_process_group), restart the ranks and "
                               "enable the cache again", cause=error)
 
-    def _fail(self, what: str, advice: str = "", cause: BaseException | None = None) -> None:
+    def _fail(self, what: str, advice: str = "", cause: BaseException | None = None) -> NoReturn:
         self.failed = what  # later collectives on this layout refuse at once, naming it
         raise DistributedCacheError(f"{what}. {advice}" if advice else what) from cause
 
@@ -198,30 +264,30 @@ def resolve_parallel(transformer: torch.nn.Module, process_group: Any = None, cf
                      ) -> ParallelLayout | None:
     """The layout of a cached model from the caller's groups and what the model says; None for one process.
 
+    Each group is a ``torch.distributed`` group, a 1-D ``DeviceMesh`` or a :class:`Communicator`.
     Raises a clear error (nothing is changed yet) for a group this process is not part of, a group
     passed without an initialised ``torch.distributed``, a multi-dimensional mesh, a CFG group
     overlapping the model group, or a group that misses ranks the model is sharded over.
     """
-    explicit = _as_group(process_group, "process_group")
-    cfg = _as_group(cfg_group, "cfg_group")
+    explicit = _as_communicator(process_group, "process_group")
+    cfg = _as_communicator(cfg_group, "cfg_group")
     detected = detect_model_group(transformer)
     if explicit is None and cfg is None and detected is None:
         _note_unsharded_world()
         return None
-    dist = _dist()
-    rank = dist.get_rank()
     group, source = explicit, "process_group argument"
     if detected is not None:
-        detected_group, detected_source = detected
+        detected_group, detected_source = TorchCommunicator(detected[0]), detected[1]
         if explicit is None:
             group, source = detected_group, detected_source
-        elif not set(_ranks(detected_group)) <= set(_ranks(explicit)):
+        elif not set(detected_group.ranks) <= set(explicit.ranks):
             raise DiTCacheConfigError(
-                "process_group", f"ranks {_ranks(explicit)}", f"a group containing ranks {_ranks(detected_group)}",
+                "process_group", f"ranks {list(explicit.ranks)}", f"a group containing ranks {list(detected_group.ranks)}",
                 hint=f"{type(transformer).__name__} is sharded by {detected_source} over those ranks; the "
                      "statistic must be reduced over every shard (omit process_group to use the model's own group)")
-    group_ranks = tuple(_ranks(group)) if group is not None else (rank,)
-    cfg_ranks = tuple(_ranks(cfg)) if cfg is not None else ()
+    rank = (group or cfg).rank
+    group_ranks = group.ranks if group is not None else (rank,)
+    cfg_ranks = cfg.ranks if cfg is not None else ()
     if len(group_ranks) == 1 and len(cfg_ranks) <= 1:
         return None  # single-member groups: nothing to exchange, one process's behaviour exactly
     if cfg_ranks and set(cfg_ranks) & set(group_ranks) != {rank}:
@@ -231,8 +297,7 @@ def resolve_parallel(transformer: torch.nn.Module, process_group: Any = None, cf
                                  "generation; the model group holds the shards of this rank's own branch")
     return ParallelLayout(
         group=group if len(group_ranks) > 1 else None, cfg_group=cfg if len(cfg_ranks) > 1 else None,
-        source=source if group is not None else "cfg_group argument", rank=rank,
-        group_ranks=group_ranks, cfg_ranks=cfg_ranks if len(cfg_ranks) > 1 else ())
+        source=source if group is not None else "cfg_group argument", rank=rank)
 
 
 def detect_model_group(transformer: torch.nn.Module) -> tuple[Any, str] | None:
@@ -337,12 +402,15 @@ def check_cache_dit(layout: ParallelLayout | None) -> None:
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _as_group(value: Any, name: str) -> Any:
-    if value is None:
-        return None
+def _as_communicator(value: Any, name: str) -> Communicator | None:
+    if value is None or isinstance(value, Communicator):
+        if value is not None and value.rank not in value.ranks:
+            raise DiTCacheConfigError(name, f"{value!r}", f"a group containing this rank ({value.rank})")
+        return value
     dist = _dist()
     if not dist.is_available() or not dist.is_initialized():
-        raise DiTCacheConfigError(name, value, "a process group of an initialised torch.distributed",
+        raise DiTCacheConfigError(name, value, "a process group of an initialised torch.distributed, or a "
+                                  "phyai_cache Communicator",
                                   hint="call torch.distributed.init_process_group(...) on every rank first")
     if value is dist.GroupMember.NON_GROUP_MEMBER:
         raise DiTCacheConfigError(name, "GroupMember.NON_GROUP_MEMBER", "a group this rank belongs to",
@@ -354,10 +422,11 @@ def _as_group(value: Any, name: str) -> Any:
                                       "process group", hint="pass mesh[dims]._flatten() or mesh.get_group(dim)")
         value = value.get_group()
     if not isinstance(value, dist.ProcessGroup):
-        raise DiTCacheConfigError(name, value, "a torch.distributed ProcessGroup (or a 1-D DeviceMesh)")
+        raise DiTCacheConfigError(name, value, "a torch.distributed ProcessGroup (or a 1-D DeviceMesh, or a "
+                                  "phyai_cache Communicator)")
     if dist.get_rank(value) < 0:
         raise DiTCacheConfigError(name, f"ranks {_ranks(value)}", f"a group containing this rank ({dist.get_rank()})")
-    return value
+    return TorchCommunicator(value)
 
 
 def _ranks(group: Any) -> list[int]:
@@ -372,17 +441,22 @@ def _collective_device(group: Any) -> torch.device:
         kind = _get_object_coll_device(group)
     except Exception:  # a private helper: fall back to CPU, which gloo and most backends accept
         kind = "cpu"
+    return device_of_kind(kind)
+
+
+def device_of_kind(kind: str) -> torch.device:
+    """This process's device of a kind (``"cuda"``: the current CUDA device)."""
     if kind == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(kind)
 
 
-def _timeout_note(group: Any) -> str:
+def group_timeout(group: Any) -> datetime.timedelta | None:
+    """A torch.distributed group's collective timeout, or None where its backend does not expose it."""
     try:
-        options = group._get_backend(torch.device("cpu")).options
-        return f" (group timeout {options._timeout.total_seconds():g} s)"
-    except Exception:  # where the backend does not expose it
-        return ""
+        return group._get_backend(torch.device("cpu")).options._timeout
+    except Exception:
+        return None
 
 
 _noted_world = False
@@ -401,5 +475,6 @@ def _note_unsharded_world() -> None:
                 dist.get_world_size())
 
 
-__all__ = ["CFG_LEADER", "ParallelLayout", "ParallelSharedDecisions", "check_blocks_see_their_shard",
-           "check_cache_dit", "detect_model_group", "refuse_sharded", "resolve_parallel"]
+__all__ = ["CFG_LEADER", "Communicator", "ParallelLayout", "ParallelSharedDecisions", "check_blocks_see_their_shard",
+           "check_cache_dit", "detect_model_group", "device_of_kind", "group_timeout", "refuse_sharded",
+           "resolve_parallel", "TorchCommunicator"]
