@@ -203,3 +203,32 @@ def cosmos3_scheduler(tiny: TinyCosmos3) -> Any:
     scheduler = Cosmos3T2VScheduler(tiny.transformer, device="cpu")
     scheduler.setup()
     return scheduler
+
+
+# -- several processes: phyai's mesh over gloo and its world-size-N scheduler -------------------------
+
+
+def init_gloo_mesh(**sizes: int) -> Any:
+    """phyai's parallel state over an initialised gloo ``torch.distributed`` (every rank calls it):
+    the six named axes, sizes by name (default 1, e.g. ``cfg=2``), and its linear layers. Returns
+    phyai's ``Mesh``."""
+    load_phyai()
+    import phyai.layers.linear as linear
+    import phyai.parallel as parallel
+
+    unknown = set(sizes) - set(MESH)
+    if unknown:
+        raise ValueError(f"unknown phyai mesh axes {sorted(unknown)}; phyai's axes are {list(MESH)}")
+    mesh = parallel.init(layout=tuple(sizes.get(axis, 1) for axis in MESH), mesh_dim_names=MESH, backend="gloo")
+    linear.init(register_flashinfer=False)
+    return mesh
+
+
+def cosmos3_wn_scheduler(tiny: TinyCosmos3) -> Any:
+    """phyai's unmodified multi-process ``Cosmos3T2VWNScheduler`` over ``tiny`` (set up, no VAE); with
+    ``cfg=2`` on the mesh, cfg rank 0 runs the cond branch and cfg rank 1 the uncond one."""
+    from phyai.models.cosmos3.scheduler_wn_cosmos3 import Cosmos3T2VWNScheduler
+
+    scheduler = Cosmos3T2VWNScheduler(tiny.transformer, device="cpu")
+    scheduler.setup()
+    return scheduler
