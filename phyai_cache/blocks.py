@@ -19,7 +19,7 @@ from typing import Any, Union
 import torch
 
 from .errors import CacheStateError, DiTCacheConfigError
-from .known_blocks import check_no_code_between_blocks, corrected
+from .known_blocks import check_no_code_between_blocks, corrected, known_model_specs
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,8 @@ class BlockList:
 def discover_blocks(model: torch.nn.Module, blocks: BlocksArg = None) -> list[BlockList]:
     """Resolve the block lists of ``model`` in execution order.
 
-    ``blocks=None`` uses diffusers' block registry on the model's direct ``ModuleList`` children.
+    ``blocks=None`` uses what :mod:`phyai_cache.known_blocks` knows of the model's class (phyai's models),
+    else diffusers' block registry on the model's direct ``ModuleList`` children.
     Otherwise ``blocks`` is a path, a :class:`BlockSpec`, a mapping of BlockSpec fields, or a list
     of those, one per block list, in the order the model runs them.
     """
@@ -182,6 +183,9 @@ def discover_blocks(model: torch.nn.Module, blocks: BlocksArg = None) -> list[Bl
 
 
 def _auto_specs(model: torch.nn.Module) -> list[BlockSpec]:
+    known = known_model_specs(type(model))
+    if known:
+        return [BlockSpec(**fields) for fields in known]
     registry = _diffusers_block_registry()
     specs = []
     for name, child in model.named_children():

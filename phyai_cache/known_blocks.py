@@ -1,4 +1,8 @@
-"""Corrections to diffusers' block descriptions, as data.
+"""What the library knows about models' blocks, as data.
+
+``KNOWN_MODELS`` describes the block lists of transformers diffusers does not describe: phyai's own
+model classes, found without the user naming them (``blocks=None``). Each entry is checked against
+phyai's real model by ``tests/integrations/test_phyai.py``.
 
 :mod:`phyai_cache.blocks` reads how a block takes and returns its streams from diffusers'
 ``TransformerBlockRegistry``. For a few block classes that entry does not match the block (found by
@@ -20,6 +24,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import DiTCacheConfigError
+
+KNOWN_MODELS: dict[str, tuple[dict[str, Any], ...]] = {
+    # phyai's Cosmos3 (video, video + sound, and the policy variant whose action tokens ride in the same
+    # sequence): forward runs the GEN layers only; each gets its own layer's UND text K/V (one entry
+    # per batch row) and the GEN rope table (shared). The UND text tower (language_model.layers) runs
+    # once per branch in encode_condition, outside the denoising call, and is not cached.
+    "phyai.models.cosmos3.modeling_cosmos3.Cosmos3Transformer": (
+        dict(path="gen_layers", row_args=("k_und", "v_und"), shared_args=("freqs_cos", "freqs_sin")),
+    ),
+}
 
 REGISTRY_CORRECTIONS: dict[str, dict[str, Any]] = {
     # Registered like a one-stream block (hidden states at index 0, no encoder stream), but it takes
@@ -45,6 +59,11 @@ CODE_BETWEEN_BLOCKS: dict[str, tuple[tuple[str, ...], str]] = {
     "WanAnimateTransformer3DModel": (
         ("blocks",), "adds the face adapter's output after every inject_face_latents_blocks-th block"),
 }
+
+
+def known_model_specs(model_class: type) -> tuple[dict[str, Any], ...]:
+    """The BlockSpec fields of ``model_class``'s block lists where this module knows them, else ()."""
+    return KNOWN_MODELS.get(f"{model_class.__module__}.{model_class.__qualname__}", ())
 
 
 def corrected(block_class: type, spec: Any) -> Any:

@@ -36,7 +36,7 @@ from .config import DiTCacheConfig
 from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
 from .graphs import refuse_capture
 from .requests import Request, Row, RowLike, normalize_rows
-from .runtime import CacheTarget, CallInfo, RunState, TransformerCall, call_hidden_states
+from .runtime import CacheTarget, CallInfo, RunState, TransformerCall
 from .stats import BatchStats, RunStats
 
 logger = logging.getLogger("phyai_cache")
@@ -289,7 +289,7 @@ class Lifecycle:
                 self._warn_outside_run()
                 return original(*args, **kwargs)
             refuse_capture("the cached transformer (%s/%s) was called", self.backend, self.config.strategy)
-            call = run.begin_call(self._branch_for_call(run, kwargs), args, kwargs)
+            call = self._begin_call(run, args, kwargs)
             self._forward = TransformerCall([call])
             raised = True
             try:
@@ -306,7 +306,7 @@ class Lifecycle:
     def _batched_forward(self, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         refuse_capture("the cached transformer (%s) was called in a step-level batch", self.backend)
         rows, per_row = self._batch
-        runs = self._claim(rows, _batch_size(args, kwargs))
+        runs = self._claim(rows, _batch_size(self.target.signature.hidden_states(args, kwargs)))
         calls, start = [], 0
         for row, run in zip(rows, runs):
             calls.append(run.begin_call(row.branch, args, kwargs, rows=slice(start, start + row.size)))
@@ -372,26 +372,65 @@ class Lifecycle:
 
         return __call__
 
-    def _branch_for_call(self, run: RunState, kwargs: dict[str, Any]) -> str:
+    def _begin_call(self, run: RunState, args: tuple, kwargs: dict[str, Any]) -> CallInfo:
+        """Name the call's branch and count its step; never silently mix branches (see :meth:`_check_steps`)."""
         if self._explicit_branch is not None:
-            return self._explicit_branch
-        if self._context_name is not None:
-            return self._context_name
-        key = self._step_key(kwargs)
-        return "default" if key is None else run.branch_by_step_key(key)
+            branch, named_by = self._explicit_branch, "handle.branch()"
+        elif self._context_name is not None:
+            branch, named_by = self._context_name, "the pipeline's cache_context()"
+        else:
+            key = self._step_key(args, kwargs)
+            if key is None:
+                branch, named_by = "default", None
+                if run.config.enabled:
+                    run.warn_once("timestep_unread", self._unread_timestep_message())
+            else:
+                branch, named_by = run.branch_by_step_key(key), "inferred"
+        call = run.begin_call(branch, args, kwargs)
+        self._check_steps(run, call, named_by)
+        return call
 
-    def _step_key(self, kwargs: dict[str, Any]) -> Any:
+    def _step_key(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """An object that is identical for every call of one denoising step.
 
-        diffusers pipelines keep the loop's timestep in ``_current_timestep``; a custom loop that
-        passes the same ``timestep`` tensor to each branch call gives the same object too.
+        diffusers pipelines keep the loop's timestep in ``_current_timestep``; a custom loop (phyai's
+        schedulers among them) passes the same timestep tensor to each branch call of a step, by
+        keyword or by position.
         """
         pipeline = self.target.pipeline
         if pipeline is not None:
             key = getattr(pipeline, "__dict__", {}).get("_current_timestep")
             if key is not None:
                 return key
-        return kwargs.get("timestep")
+        return self.target.signature.timestep_value(args, kwargs)
+
+    def _check_steps(self, run: RunState, call: CallInfo, named_by: str | None) -> None:
+        """A branch that sees more calls than the run declared steps is mixing calls that are not its own.
+
+        Where no branch could be told apart (no timestep, no name) the cache would compare one CFG
+        branch with the other, so the call is refused before it runs. Named or inferred branches may
+        legitimately run more calls than declared (a scheduler with two evaluations per step, a
+        custom timestep list longer than ``num_inference_steps``): warned once and flagged.
+        """
+        declared = run.stats.num_inference_steps
+        if not run.config.enabled or declared is None or call.step < declared:
+            return
+        fix = ("name each call's branch with `with handle.branch('cond'):` / `handle.branch('uncond')` "
+               "around it (phyai runners: phyai_cache.integrations.phyai.attach does it), or declare the "
+               "right num_inference_steps")
+        message = (f"branch {call.branch!r} got call {call.step + 1} in a run declared with {declared} "
+                   f"steps: its calls are not one denoising step each")
+        if named_by is None:
+            raise CacheStateError(f"{message}; the cache cannot tell this transformer's calls apart "
+                                  f"({self._unread_timestep_message()}), so it would compare one CFG "
+                                  f"branch with another: {fix}")
+        run.warn_once("steps_exceeded", f"phyai_cache: {message} (branch named by {named_by}); if a "
+                                        f"denoising step calls the transformer more than once per branch, {fix}")
+
+    def _unread_timestep_message(self) -> str:
+        return (f"phyai_cache: cannot read a timestep from {type(self.target.transformer).__name__}'s calls "
+                f"(looked for {self.target.signature.describe_timestep()}): all calls of the run count as "
+                "one branch 'default'; with CFG or several calls per step, name them with handle.branch()")
 
     def _warn_outside_run(self) -> None:
         if self._warned_outside_run:
@@ -415,9 +454,8 @@ def _steps_argument(signature: inspect.Signature, pipe: Any, args: tuple, kwargs
     return value if isinstance(value, int) else None
 
 
-def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
-    """The batch size of a transformer call, when its hidden states can be found by convention."""
-    hidden = call_hidden_states(args, kwargs)
+def _batch_size(hidden: Any) -> int | None:
+    """The batch size of a transformer call, when its hidden states are one tensor."""
     return hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else None
 
 

@@ -6,14 +6,18 @@ neither, so there is no import circle between ``lifecycle.py`` and ``adapters/ba
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from .calls import CallSignature
 from .config import DiTCacheConfig
 from .decision import Decision
 from .stats import RunClock, RunStats, StepRecord
+
+logger = logging.getLogger("phyai_cache")
 
 
 ALL_ROWS = slice(None)
@@ -33,12 +37,10 @@ class CacheTarget:
     def objects(self) -> list[Any]:
         return [o for o in (self.pipeline, self.transformer) if o is not None]
 
-
-def call_hidden_states(args: tuple | None, kwargs: dict[str, Any] | None) -> Any:
-    """A transformer call's latents by diffusers' convention: the ``hidden_states`` keyword, else the
-    first positional argument (None when there is neither)."""
-    kwargs = kwargs or {}
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    @property
+    def signature(self) -> CallSignature:
+        """How the transformer's forward takes its arguments (read once per class)."""
+        return CallSignature.of(self.transformer)
 
 
 @dataclass
@@ -103,6 +105,13 @@ class RunState:
             blocks_per_call,
         )
         self.clock.sample()
+
+    def warn_once(self, code: str, message: str) -> None:
+        """Log ``message`` as a warning the first time ``code`` happens in this run, and flag it in the
+        run's stats (``RunStats.warnings``), so a run that went wrong is never reported as fine."""
+        if code not in self.stats.warnings:
+            self.stats.warnings[code] = message
+            logger.warning(message)
 
     def note_cache_bytes(self, nbytes: int) -> None:
         self.stats.cache_bytes = max(self.stats.cache_bytes, nbytes)

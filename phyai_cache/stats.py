@@ -62,11 +62,21 @@ class RunStats:
     memory_kind: str = "cpu_rss_sampled"
     cache_bytes: int = 0
     completed: bool = True
+    # What went wrong without stopping the run, once per kind: {"timestep_unread": message, ...}.
+    warnings: dict[str, str] = field(default_factory=dict)
     records: list[StepRecord] = field(default_factory=list)
 
     @property
     def branches(self) -> list[str]:
         return list(dict.fromkeys(r.branch for r in self.records))
+
+    @property
+    def steps_per_branch(self) -> dict[str, int]:
+        """Calls per branch: with CFG on a correctly split run, each equals the denoising steps."""
+        counts: dict[str, int] = {}
+        for record in self.records:
+            counts[record.branch] = counts.get(record.branch, 0) + 1
+        return counts
 
     @property
     def reached_model(self) -> bool:
@@ -97,6 +107,7 @@ class RunStats:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["branches"] = self.branches
+        data["steps_per_branch"] = self.steps_per_branch
         data["cached_fraction"] = self.cached_fraction
         data["compute_fraction"] = self.compute_fraction
         data["reached_model"] = self.reached_model
@@ -107,6 +118,8 @@ class RunStats:
         status = "" if self.completed else " (run raised)"
         if not self.reached_model:
             status += " -- WARNING: no transformer call went through the cache (0 steps): nothing was cached"
+        if self.warnings:
+            status += f" -- WARNINGS: {', '.join(self.warnings)}"
         return (
             f"phyai_cache {self.backend}/{self.strategy}: {self.steps_cached}/{self.steps_total} steps cached, "
             f"{self.blocks_computed}/{self.blocks_total} blocks computed, {self.latency_s * 1e3:.1f} ms, "

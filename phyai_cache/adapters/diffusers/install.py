@@ -31,7 +31,8 @@ from ..._patch import MISSING, DictSnapshot, InstancePatch, UndoStack, is_stale_
 from ...blocks import BlockList
 from ...decision import SharedDecisions, cache_key, call_modes
 from ...instrument import BlockCounter
-from ...runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates, call_hidden_states
+from ...calls import CallSignature
+from ...runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates
 from ...stats import tensor_bytes
 from ..base import Installation
 from .driver import Driver, DiffusersRunState
@@ -235,7 +236,7 @@ class DiffusersInstallation(Installation):
 
     @contextlib.contextmanager
     def _call_scope(self, call: CallInfo) -> Iterator[None]:
-        call.scratch = CallScratch(key=_input_key(call))
+        call.scratch = CallScratch(key=_input_key(self.target.signature, call))
         state = self.runs[call.run]
         with contextlib.ExitStack() as stack:
             context = self.driver.context_kwargs(call) if self.driver.uses_context else None
@@ -261,11 +262,10 @@ class DiffusersInstallation(Installation):
         return tensor_bytes(*tensors.values())
 
 
-def _input_key(call: CallInfo) -> tuple:
-    """The cache key of a transformer call's inputs (diffusers transformers' argument names)."""
-    kwargs = call.kwargs or {}
-    return cache_key(call_hidden_states(call.args, kwargs),
-                     kwargs.get("encoder_hidden_states"), call_modes(call.args, kwargs))
+def _input_key(signature: CallSignature, call: CallInfo) -> tuple:
+    """The cache key of a transformer call's inputs, read by position or keyword."""
+    return cache_key(signature.hidden_states(call.args, call.kwargs),
+                     signature.encoder_hidden_states(call.args, call.kwargs), call_modes(call.args, call.kwargs))
 
 
 def _state_holders(hooks: list[NewHook]) -> list[Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ...blocks import forward_parameters
+from ...calls import CallSignature
 from ...errors import CacheStateError, DiTCacheConfigError
 
 NATIVE_HINT = "backend 'native' serves fbcache/dbcache/taylorseer on any block list"
@@ -139,25 +139,19 @@ def attention_module_names(transformer: torch.nn.Module) -> list[str]:
     return [name for name, module in transformer.named_modules() if name and isinstance(module, classes)]
 
 
-# The argument that carries a call's noise level: ``timestep`` in most transformers; Cosmos 3 has one
-# per modality and no ``timestep`` (its vision tokens are what the caches follow).
-TIMESTEP_ARGUMENTS = ("timestep", "vision_timesteps")
-
-
 class TimestepReader:
     """The current timestep in diffusers' 0..1000 units, for PAB's and FasterCache's timestep ranges.
 
     Pipelines: the pipeline's ``_current_timestep`` (what ``pipe.current_timestep`` returns). A bare
-    transformer in a custom loop: the call's timestep argument (:data:`TIMESTEP_ARGUMENTS`). Flux- and
+    transformer in a custom loop: the call's timestep argument (:data:`phyai_cache.calls.TIMESTEP_ARGUMENTS`,
+    by position or keyword). Flux- and
     QwenImage-style transformers take ``t / 1000`` there; a timestep argument whose values are all
     <= 1 is therefore read as normalized and multiplied by 1000.
     """
 
     def __init__(self, transformer: torch.nn.Module, pipeline: Any) -> None:
         self.pipeline = pipeline
-        parameters = [p.name for p in forward_parameters(transformer)]
-        self.name = next((name for name in TIMESTEP_ARGUMENTS if name in parameters), TIMESTEP_ARGUMENTS[0])
-        self.position = parameters.index(self.name) if self.name in parameters else None
+        self.signature = CallSignature.of(transformer)
 
     def require(self, args: tuple, kwargs: dict[str, Any] | None, strategy: str) -> float:
         """:meth:`read`, or an error when the call carries no timestep: the cache's timestep ranges
@@ -166,8 +160,8 @@ class TimestepReader:
         if math.isnan(timestep):
             raise CacheStateError(
                 f"{strategy} on backend 'diffusers' needs each call's timestep and this call has none (no "
-                f"pipeline timestep, no {self.name!r} argument), so it would cache no step: pass "
-                f"{self.name}=... to the transformer, or enable the cache on its pipeline")
+                f"pipeline timestep, no {self.signature.describe_timestep()}), so it would cache no step: pass "
+                "the timestep to the transformer, or enable the cache on its pipeline")
         return timestep
 
     def read(self, args: tuple, kwargs: dict[str, Any] | None) -> float:
@@ -175,9 +169,7 @@ class TimestepReader:
             value = getattr(self.pipeline, "__dict__", {}).get("_current_timestep")
             if value is not None:
                 return _first_float(value)
-        value = (kwargs or {}).get(self.name)
-        if value is None and self.position is not None and self.position < len(args):
-            value = args[self.position]
+        value = self.signature.timestep_value(args, kwargs)
         if value is None:
             return math.nan
         if isinstance(value, torch.Tensor) and value.numel() and bool((value.abs() <= 1).all()):

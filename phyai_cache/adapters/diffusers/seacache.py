@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from ...errors import CacheStateError
-from ...runtime import CallInfo, RunState, call_hidden_states
+from ...calls import CallSignature
+from ...runtime import CallInfo, RunState
 from .driver import DiffusersRunState, Driver
 from .model import TimestepReader
 
@@ -155,7 +156,8 @@ def _builtin_adapter(transformer: torch.nn.Module) -> bool:
 
 def raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor] | None:
     """The call's visual latents as SeaCache wants them: one ``(C, T, H, W)`` tensor per sample."""
-    hidden = call_hidden_states(args, kwargs)
+    signature = CallSignature.of(module)
+    hidden = signature.hidden_states(args, kwargs)
     if not isinstance(hidden, torch.Tensor):
         return None
     if hidden.ndim == 5:  # (B, C, T, H, W): video models
@@ -165,14 +167,14 @@ def raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     if hidden.ndim != 3:
         return None
     batch, tokens, channels = hidden.shape
-    shapes = kwargs.get("img_shapes")
+    shapes = signature.read(args, kwargs, "img_shapes")
     if shapes is not None:  # QwenImage-style: [(frames, height, width)] per sample (or one list for all)
         first = shapes[0]
         return _unpack(hidden, *(first[0] if isinstance(first, list) else first)[:3])
-    sizes = [kwargs.get(name) for name in ("num_frames", "height", "width")]
+    sizes = [signature.read(args, kwargs, name) for name in ("num_frames", "height", "width")]
     if all(isinstance(size, int) for size in sizes):  # LTX-style: the token grid, frame-major
         return _unpack(hidden, *sizes)
-    ids = kwargs.get("img_ids")
+    ids = signature.read(args, kwargs, "img_ids")
     if isinstance(ids, torch.Tensor) and ids.shape[-2] == tokens and ids.shape[-1] >= 3:
         ids = ids[0] if ids.ndim == 3 else ids  # Flux: (tokens, 3) = (frame, row, column)
         rows, columns = ids[:, -2].long(), ids[:, -1].long()

@@ -56,7 +56,7 @@ from ...graphs import refuse_capture
 from ..base import Installation
 from .method import Method, StepInputs
 from .policy import BranchCache, ResidualHistory
-from .wholecall import latent_parameter, run_whole_call
+from .wholecall import check_latent_parameter, run_whole_call
 
 
 class ChainLayout:
@@ -118,7 +118,6 @@ class RunPlan:
     options: Mapping[str, Any] = field(default_factory=dict)  # checked against NativeMethod.options
     verify: float | None = None  # options.verify: the verified forecaster's tolerance
     skip_call: bool = False  # options.skip_call: cached steps skip the whole transformer call
-    latent: tuple[str, int] | None = None  # skip_call: the forward's latent parameter (name, position)
 
 
 @dataclass
@@ -576,7 +575,8 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.
             "options.skip_call", True, f"false for strategy {spec.name!r}" + (" with options.verify" if verify else ""),
             hint="a whole call can be skipped only when the decision is known before it (taylorseer, magcache, "
                  "easycache); front blocks, a verified forecaster or teacache's modulated input need the call to run")
-    latent = latent_parameter(model) if skip_call and model is not None else None
+    if skip_call and model is not None:
+        check_latent_parameter(model)
     # Without a measure on the front blocks nothing runs before the decision and the whole chain is
     # approximated; a verified forecaster needs one front block to check its forecast against.
     front, back = (config.front_blocks, config.back_blocks) if spec.native.measured else (1 if verify else 0, 0)
@@ -585,7 +585,7 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.
     return RunPlan(config, enabled=True, layout=ChainLayout(lists, front, back), rules=rules,
                    measured=spec.native.measured, forecast_order=config.taylorseer_order,
                    separate_cfg=config.separate_cfg is not False,  # "auto" -> separate: always correct
-                   method=method, options=options, verify=verify, skip_call=skip_call, latent=latent)
+                   method=method, options=options, verify=verify, skip_call=skip_call)
 
 
 class _Calibrating(StepRules):

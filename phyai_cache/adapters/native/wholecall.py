@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...blocks import forward_parameters
+from ...calls import LATENT_ARGUMENT, CallSignature
 from ...decision import cache_gap, cache_key, call_modes, decide
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo
@@ -63,18 +62,14 @@ def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], An
                           "it needs a tensor, a tuple starting with one, or an output dataclass with .sample")
 
 
-def latent_parameter(model: torch.nn.Module) -> tuple[str, int]:
-    """The (name, position) of the forward parameter that takes ``model``'s latents, or a clear
-    :class:`DiTCacheConfigError` (at enable time) when there is none to forecast from."""
-    declared = forward_parameters(model)
-    parameters = [p.name for p in declared]
-    if "hidden_states" in parameters:
-        return "hidden_states", parameters.index("hidden_states")
-    if not _is_diffusers_model(model):
-        if declared and declared[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                               inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            return parameters[0], 0
-        return "hidden_states", 0  # forward(*args, **kwargs) (a wrapper): the hidden_states keyword or args[0]
+def check_latent_parameter(model: torch.nn.Module) -> None:
+    """A clear :class:`DiTCacheConfigError` (at enable time) when ``model``'s forward has no latents to
+    forecast from: a diffusers model without ``hidden_states`` (its first argument is something else).
+    Other models take theirs in the first positional parameter (:class:`~phyai_cache.calls.CallSignature`)."""
+    signature = CallSignature.of(model)
+    if signature.latent == LATENT_ARGUMENT or not _is_diffusers_model(model):
+        return
+    parameters = list(signature.positions)
     raise DiTCacheConfigError(
         "options.skip_call", True, f"false for {type(model).__name__}",
         hint=f"whole-call skipping forecasts the call's output from its latents, the forward's hidden_states "
@@ -97,13 +92,13 @@ def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, arg
 
     state = engine.runs[call.run]
     plan = state.plan
-    name, position = plan.latent or ("hidden_states", 0)
-    hidden = kwargs.get(name, args[position] if len(args) > position else None)
+    signature = engine.lifecycle.target.signature
+    hidden = signature.hidden_states(args, kwargs)
     if not isinstance(hidden, torch.Tensor):
-        raise CacheStateError(f"options.skip_call needs the transformer call's latents as one tensor (its {name} "
-                              f"argument); got {type(hidden).__name__}")
+        raise CacheStateError(f"options.skip_call needs the transformer call's latents as one tensor (its "
+                              f"{signature.latent} argument); got {type(hidden).__name__}")
     cache = engine._branch_cache(state, call)
-    key = cache_key(hidden, kwargs.get("encoder_hidden_states"), call_modes(args, kwargs))
+    key = cache_key(hidden, signature.encoder_hidden_states(args, kwargs), call_modes(args, kwargs))
     group = Group(call, state, cache, chain_input=hidden, key=key)
     method = cache.method
     if method is not None:
