@@ -5,11 +5,14 @@ cp, tp``), builds phyai's real tiny Cosmos3 and runs phyai's unmodified
 ``Cosmos3T2VWNScheduler``: cfg rank 0 computes the cond branch, cfg rank 1 the uncond one, and the
 scheduler all-gathers both velocities every step through ``phyai.parallel``. The cache is the
 native fbcache on the transformer's ``gen_layers``, given phyai's groups by
-``phyai_collectives.cache_groups()``. The one-process reference is phyai's ``ws1`` scheduler in
-this process, its two branches named with ``handle.branch``.
+``phyai_collectives.cache_groups()``, attached to the scheduler with
+``phyai_cache.integrations.phyai.attach`` (the engine default shares CFG decisions; a request's own
+``dit_cache`` asks for separate CFG), and once enabled on the transformer alone. The one-process
+reference is phyai's ``ws1`` scheduler in this process, attached the same way.
 
 Checked: with shared CFG both ranks take the leader's (cond) decisions, which equal the one-process
-decisions; with separate CFG each rank's decisions equal the one-process decisions of its branch;
+decisions; with separate CFG each rank's decisions equal the one-process decisions of its branch; each rank's
+calls are counted in the runner's branch;
 threshold 0 is bit-identical to the uncached ``wn`` run; every cache collective went through
 ``phyai.parallel`` (counted at its backend) and none through ``torch.distributed`` directly; a rank
 that raises leaves its peer a ``DistributedCacheError``, not a hang. Nothing is mocked but the two
@@ -19,6 +22,7 @@ GPU kernels ``phyai_cache.testing.phyai`` stands in for.
 from __future__ import annotations
 
 import collections
+import copy
 import re
 
 import pytest
@@ -26,19 +30,16 @@ import torch
 
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
 from phyai_cache.distributed import Communicator
-from phyai_cache.testing.phyai import missing_reason, phyai_source
-
-pytestmark = pytest.mark.skipif(phyai_source() is None, reason=missing_reason())
 
 STEPS = 12
-CONFIG = dict(enabled=True, backend="native", strategy="fbcache", threshold=0.01, blocks="gen_layers")
-MODES = {"shared": False, "separate": True}
+CONFIG = dict(enabled=True, backend="native", strategy="fbcache", threshold=0.01)
+BLOCKS = "gen_layers"
 FAILING_STEP = 3
 
 
-def _records(handle):
-    # The branch name is left out: a rank runs one branch whatever it is called.
-    return [(r.step, r.decision, r.reason, r.diff) for r in handle.last_run.records]
+def _records(stats, branch=None):
+    """(step, decision, reason, statistic) of a run's calls, of one branch or all (a rank runs one)."""
+    return [(r.step, r.decision, r.reason, r.diff) for r in stats.records if branch in (None, r.branch)]
 
 
 class CollectiveCounter:
@@ -81,6 +82,7 @@ class CollectiveCounter:
 
 
 def wn_worker(rank, world_size):
+    from phyai_cache.integrations.phyai import attach
     from phyai_cache.integrations.phyai_collectives import cache_groups
     from phyai_cache.testing import phyai
 
@@ -93,29 +95,40 @@ def wn_worker(rank, world_size):
     out = {"groups": {name: (type(g).__name__, g.ranks) if g else None for name, g in groups.items()},
            "uncached": scheduler.step(request)}
 
-    def generate(**config):
-        handle = enable_dit_cache(tiny.transformer, **{**CONFIG, **config}, **groups)
+    def generate(handle, run):
         layout = handle._lifecycle.target.parallel
-        before = counter.snapshot(), layout.collectives
-        with handle.run(num_inference_steps=STEPS):
-            output = scheduler.step(request)
-        (phyai_before, direct_before), collectives = before
+        (phyai_before, direct_before), collectives = counter.snapshot(), layout.collectives
+        output = run()
         phyai_after, direct_after = counter.snapshot()
-        result = {"output": output, "records": _records(handle), "collectives": layout.collectives - collectives,
-                  "phyai_ops": {op: n - phyai_before.get(op, 0) for op, n in phyai_after.items()},
-                  "direct_ops": {op: n - direct_before.get(op, 0) for op, n in direct_after.items()}}
-        handle.disable()
-        return result
+        return {"output": output, "records": _records(handle.last_run), "branches": handle.last_run.branches,
+                "collectives": layout.collectives - collectives,
+                "phyai_ops": {op: n - phyai_before.get(op, 0) for op, n in phyai_after.items()},
+                "direct_ops": {op: n - direct_before.get(op, 0) for op, n in direct_after.items()}}
 
-    out["threshold0"] = generate(threshold=0.0, separate_cfg=False)
-    for mode, separate in MODES.items():
-        out[mode] = generate(separate_cfg=separate)
+    # phyai's way in: attach to the scheduler with phyai's groups; the engine default shares CFG
+    # decisions, a request asks for separate CFG with its own dit_cache.
+    cache = attach(scheduler, CONFIG, blocks=BLOCKS, separate_cfg=False, **groups)
+    out["shared"] = generate(cache.handle, lambda: scheduler.step(request))
+    separate = copy.copy(request)
+    separate.dit_cache = {**CONFIG, "separate_cfg": True}
+    out["separate"] = generate(cache.handle, lambda: scheduler.step(separate))
+    cache.detach()
+
+    # The cache on the transformer alone, one run scope around the scheduler's step.
+    handle = enable_dit_cache(tiny.transformer, CONFIG, blocks=BLOCKS, threshold=0.0, separate_cfg=False, **groups)
+
+    def scoped():
+        with handle.run(num_inference_steps=STEPS):
+            return scheduler.step(request)
+
+    out["threshold0"] = generate(handle, scoped)
+    handle.disable()
 
     # Last (the cfg axis is the world group, which a failed collective leaves unusable): rank 1
     # raises before its step-3 call and returns; rank 0, the CFG leader, waits in its step-3
     # decision broadcast.
-    handle = enable_dit_cache(tiny.transformer, **CONFIG, separate_cfg=False, **groups)
-    layout = handle._lifecycle.target.parallel
+    cache = attach(scheduler, CONFIG, blocks=BLOCKS, separate_cfg=False, **groups)
+    layout = cache.handle._lifecycle.target.parallel
     if rank == 1:
         calls = {"n": 0}
 
@@ -125,18 +138,17 @@ def wn_worker(rank, world_size):
                 raise RuntimeError("injected failure")
 
         tiny.transformer.register_forward_pre_hook(fail_at_step)
-    out["failure"] = _attempt(handle, scheduler, request)
+    out["failure"] = _attempt(lambda: scheduler.step(request))
     if rank == 0:
         collectives = layout.collectives
-        out["next_run"] = _attempt(handle, scheduler, request)
+        out["next_run"] = _attempt(lambda: scheduler.step(request))
         out["next_run_collectives"] = layout.collectives - collectives
     return out
 
 
-def _attempt(handle, scheduler, request):
+def _attempt(run):
     try:
-        with handle.run(num_inference_steps=STEPS):
-            scheduler.step(request)
+        run()
         return None
     except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
         return (type(error).__name__, str(error))
@@ -151,29 +163,18 @@ def ranks():
 
 @pytest.fixture(scope="module")
 def solo():
-    """phyai's one-process ``ws1`` scheduler, cond then uncond per step, each in its own branch."""
+    """phyai's one-process ``ws1`` scheduler (cond then uncond per step), attached the same way."""
+    from phyai_cache.integrations.phyai import attach
     from phyai_cache.testing import phyai
 
     tiny = phyai.build_tiny_cosmos3()
     scheduler = phyai.cosmos3_scheduler(tiny)
     request = phyai.cosmos3_request(tiny, steps=STEPS)
     results = {}
-    for mode, separate in MODES.items():
-        handle = enable_dit_cache(tiny.transformer, **CONFIG, separate_cfg=separate)
-        forward = scheduler.runner.forward
-
-        def in_branch(branch, *args, **kwargs):
-            with handle.branch(branch):
-                return forward(branch, *args, **kwargs)
-
-        scheduler.runner.forward = in_branch
-        with handle.run(num_inference_steps=STEPS):
+    for mode, separate in (("shared", False), ("separate", True)):
+        with attach(scheduler, CONFIG, blocks=BLOCKS, separate_cfg=separate) as cache:
             output = scheduler.step(request)
-        del scheduler.runner.forward
-        records = handle.last_run.records
-        results[mode] = {"output": output, **{branch: [(r.step, r.decision, r.reason, r.diff) for r in records
-                                                       if r.branch == branch] for branch in ("cond", "uncond")}}
-        handle.disable()
+        results[mode] = {"output": output, **{branch: _records(cache.last_run, branch) for branch in ("cond", "uncond")}}
     return results
 
 
@@ -197,7 +198,8 @@ def test_shared_cfg_both_ranks_take_the_cond_ranks_decisions(ranks, solo):
                                         for r in solo["shared"]["uncond"]]
     assert all(r[3] is None for r in follower)  # the follower measures nothing
     assert {"cached", "computed"} <= {r[1] for r in leader}, "the threshold must both cache and compute"
-    for rank in ranks:
+    for rank, branch in zip(ranks, ("cond", "uncond")):
+        assert rank["shared"]["branches"] == rank["separate"]["branches"] == [branch]  # the runner's branch
         assert rank["shared"]["collectives"] == STEPS  # one decision exchange per step
         assert torch.allclose(rank["shared"]["output"], solo["shared"]["output"], atol=1e-5)
 
@@ -258,7 +260,7 @@ def test_on_a_world_of_one_every_axis_has_size_one_and_nothing_is_exchanged(phya
 
     groups = cache_groups()
     assert groups == {"process_group": None, "cfg_group": None}
-    handle = enable_dit_cache(phyai_mesh.transformer, **CONFIG, **groups)
+    handle = enable_dit_cache(phyai_mesh.transformer, CONFIG, blocks=BLOCKS, **groups)
     assert handle._lifecycle.target.parallel is None
     handle.disable()
 
@@ -295,5 +297,5 @@ def test_a_communicator_without_this_rank_is_refused_before_anything_changes(phy
     before = dict(transformer.__dict__)
     for argument in ("process_group", "cfg_group"):
         with pytest.raises(DiTCacheConfigError, match=rf"dit_cache\.{argument}.*a group containing this rank \(0\)"):
-            enable_dit_cache(transformer, **CONFIG, **{argument: ElsewhereCommunicator()})
+            enable_dit_cache(transformer, CONFIG, blocks=BLOCKS, **{argument: ElsewhereCommunicator()})
     assert transformer.__dict__ == before
