@@ -189,7 +189,8 @@ def enable_dit_cache(target: Any, config: ConfigSource = None, *, blocks: Blocks
     after ``enable_parallelism`` names its own group; omit the argument then. ``cfg_group`` holds
     the ranks running the other CFG branches of the same generation (CFG parallel); its rank 0 must
     run the first branch (cond) and leads when ``separate_cfg`` is false. Data-parallel replicas
-    pass neither.
+    pass neither. Either may be a :class:`~phyai_cache.distributed.Communicator` instead, e.g.
+    phyai's own collectives: ``**phyai_collectives.cache_groups()``.
 
     A config with ``enabled=False`` (the default) changes nothing. Every check runs before the
     target is touched: on any error the target is left exactly as it was.

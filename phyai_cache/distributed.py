@@ -282,7 +282,8 @@ def resolve_parallel(transformer: torch.nn.Module, process_group: Any = None, cf
             group, source = detected_group, detected_source
         elif not set(detected_group.ranks) <= set(explicit.ranks):
             raise DiTCacheConfigError(
-                "process_group", f"ranks {list(explicit.ranks)}", f"a group containing ranks {list(detected_group.ranks)}",
+                "process_group", f"ranks {list(explicit.ranks)}",
+                f"a group containing ranks {list(detected_group.ranks)}",
                 hint=f"{type(transformer).__name__} is sharded by {detected_source} over those ranks; the "
                      "statistic must be reduced over every shard (omit process_group to use the model's own group)")
     rank = (group or cfg).rank

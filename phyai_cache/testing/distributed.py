@@ -96,6 +96,16 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, folder: str, 
         dist.destroy_process_group()
 
 
+def attempt(run: Callable[[], Any]) -> tuple[str, str] | None:
+    """Run one generation on a rank; return what it raised as (type name, message), or None (a rank's
+    failure is a result to assert on, not the end of the worker)."""
+    try:
+        run()
+        return None
+    except Exception as error:  # noqa: BLE001 - tests assert on the type and message
+        return (type(error).__name__, str(error))
+
+
 # -- diffusers' own context parallelism on CPU ----------------------------------------------------
 
 
@@ -213,5 +223,5 @@ def _nothing() -> Any:
     return contextlib.nullcontext()
 
 
-__all__ = ["RankFailure", "TokenwiseBlock", "TokenwiseDiT", "build_tokenwise_dit", "denoise_cfg",
+__all__ = ["RankFailure", "attempt", "TokenwiseBlock", "TokenwiseDiT", "build_tokenwise_dit", "denoise_cfg",
            "denoise_sharded", "inputs", "run_ranks", "timestep_embedding", "ulysses_flux"]

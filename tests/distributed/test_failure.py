@@ -23,8 +23,8 @@ import os
 import pytest
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.testing.distributed import (RankFailure, build_tokenwise_dit, denoise_cfg, denoise_sharded, inputs,
-                                             run_ranks)
+from phyai_cache.testing.distributed import (RankFailure, attempt, build_tokenwise_dit, denoise_cfg, denoise_sharded,
+                                             inputs, run_ranks)
 
 pytestmark = pytest.mark.slow
 
@@ -53,15 +53,6 @@ def _raise():
     raise Injected("injected failure")
 
 
-def _attempt(run):
-    """Run one generation; return what it raised as (type name, message), or None."""
-    try:
-        run()
-        return None
-    except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
-        return (type(error).__name__, str(error))
-
-
 def failure_worker(rank, world_size):
     import torch.distributed as dist
 
@@ -77,11 +68,11 @@ def failure_worker(rank, world_size):
     if rank == 1:
         _fail_at(model, FAILING_STEP, _raise)
     run = lambda: denoise_sharded(model, x, cond, steps=STEPS, handle=handle, shard=(rank, 2))  # noqa: E731
-    out["raises"] = _attempt(run)
+    out["raises"] = attempt(run)
     out["raises_stats_completed"] = handle.last_run.completed
     if rank == 0:
         collectives = layout.collectives
-        out["raises_next_run"] = _attempt(run)
+        out["raises_next_run"] = attempt(run)
         out["next_run_collectives"] = layout.collectives - collectives
     dist.barrier()
 
@@ -90,7 +81,7 @@ def failure_worker(rank, world_size):
     handle = enable_dit_cache(model, blocks="layers", cfg_group=groups[1], separate_cfg=False, **CONFIG)
     if rank == 0:
         _fail_at(model, FAILING_STEP, _raise)
-    out["cfg"] = _attempt(lambda: denoise_cfg(model, x, cond, steps=STEPS, guidance=2.0, handle=handle,
+    out["cfg"] = attempt(lambda: denoise_cfg(model, x, cond, steps=STEPS, guidance=2.0, handle=handle,
                                               cfg_group=groups[1]))
     dist.barrier()
 
@@ -98,7 +89,7 @@ def failure_worker(rank, world_size):
     # (1 on rank 0, 2 on rank 1) meet in the same all-reduce. Their tags disagree: both are told.
     model = build_tokenwise_dit()
     handle = enable_dit_cache(model, blocks="layers", process_group=groups[2], **{**CONFIG, "warmup_steps": 1 + rank})
-    out["out_of_step"] = _attempt(lambda: denoise_sharded(model, x, cond, steps=STEPS, handle=handle, shard=(rank, 2)))
+    out["out_of_step"] = attempt(lambda: denoise_sharded(model, x, cond, steps=STEPS, handle=handle, shard=(rank, 2)))
     dist.barrier()
     return out
 
@@ -113,7 +104,7 @@ def dying_worker(rank, world_size):
     handle = enable_dit_cache(model, blocks="layers", process_group=group, **CONFIG)
     if rank == 1:
         _fail_at(model, FAILING_STEP, lambda: os._exit(3))
-    return _attempt(lambda: denoise_sharded(model, x, cond, steps=STEPS, handle=handle, shard=(rank, 2)))
+    return attempt(lambda: denoise_sharded(model, x, cond, steps=STEPS, handle=handle, shard=(rank, 2)))
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,7 @@ def wn_worker(rank, world_size):
     from phyai_cache.integrations.phyai import attach
     from phyai_cache.integrations.phyai_collectives import cache_groups
     from phyai_cache.testing import phyai
+    from phyai_cache.testing.distributed import attempt
 
     phyai.init_gloo_mesh(cfg=2)
     tiny = phyai.build_tiny_cosmos3()
@@ -138,20 +139,12 @@ def wn_worker(rank, world_size):
                 raise RuntimeError("injected failure")
 
         tiny.transformer.register_forward_pre_hook(fail_at_step)
-    out["failure"] = _attempt(lambda: scheduler.step(request))
+    out["failure"] = attempt(lambda: scheduler.step(request))
     if rank == 0:
         collectives = layout.collectives
-        out["next_run"] = _attempt(lambda: scheduler.step(request))
+        out["next_run"] = attempt(lambda: scheduler.step(request))
         out["next_run_collectives"] = layout.collectives - collectives
     return out
-
-
-def _attempt(run):
-    try:
-        run()
-        return None
-    except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
-        return (type(error).__name__, str(error))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +167,8 @@ def solo():
     for mode, separate in (("shared", False), ("separate", True)):
         with attach(scheduler, CONFIG, blocks=BLOCKS, separate_cfg=separate) as cache:
             output = scheduler.step(request)
-        results[mode] = {"output": output, **{branch: _records(cache.last_run, branch) for branch in ("cond", "uncond")}}
+        results[mode] = {"output": output, "cond": _records(cache.last_run, "cond"),
+                         "uncond": _records(cache.last_run, "uncond")}
     return results
 
 
