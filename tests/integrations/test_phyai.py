@@ -7,13 +7,11 @@ these tests check what the cache does with phyai's calls, not quality.
 
 from __future__ import annotations
 
-import copy
-import logging
-
 import pytest
 import torch
 
-from phyai_cache import BackendUnavailableError, CacheStateError, DiTCacheConfigError, enable_dit_cache
+from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfigError, enable_dit_cache,
+                         get_cache_handle)
 from phyai_cache.integrations.phyai import attach
 from phyai_cache.testing.phyai import (build_tiny_cosmos3, cosmos3_action_request, cosmos3_policy_scheduler,
                                        cosmos3_request, cosmos3_scheduler)
@@ -33,13 +31,18 @@ def reference(tiny):
     return cosmos3_scheduler(tiny).step(cosmos3_request(tiny, steps=STEPS))
 
 
-@pytest.fixture
-def scheduler(tiny):
-    scheduler = cosmos3_scheduler(tiny)
+def _scheduler_of(tiny, build):
+    """A fresh phyai scheduler over ``tiny``; whatever cache a test left on the model is taken off."""
+    scheduler = build(tiny)
     yield scheduler
-    handle = getattr(tiny.transformer, "_phyai_cache_handle", None)
+    handle = get_cache_handle(tiny.transformer)
     if handle is not None:
         handle.disable()
+
+
+@pytest.fixture
+def scheduler(tiny):
+    yield from _scheduler_of(tiny, cosmos3_scheduler)
 
 
 def test_unmodified_scheduler_caches_with_branches_apart(tiny, scheduler, caplog):
@@ -200,11 +203,7 @@ def policy():
 
 @pytest.fixture
 def policy_scheduler(policy):
-    scheduler = cosmos3_policy_scheduler(policy)
-    yield scheduler
-    handle = getattr(policy.transformer, "_phyai_cache_handle", None)
-    if handle is not None:
-        handle.disable()
+    yield from _scheduler_of(policy, cosmos3_policy_scheduler)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
