@@ -19,7 +19,7 @@ from typing import Any, Union
 import torch
 
 from .errors import CacheStateError, DiTCacheConfigError
-from .known_blocks import check_no_code_between_blocks, corrected, known_model_specs
+from .known_blocks import check_no_code_between_blocks, corrected, known_model
 
 
 @dataclass(frozen=True)
@@ -183,9 +183,9 @@ def discover_blocks(model: torch.nn.Module, blocks: BlocksArg = None) -> list[Bl
 
 
 def _auto_specs(model: torch.nn.Module) -> list[BlockSpec]:
-    known = known_model_specs(type(model))
-    if known:
-        return [BlockSpec(**fields) for fields in known]
+    known = known_model(type(model))
+    if known is not None:
+        return [BlockSpec(**fields) for fields in known.blocks]
     registry = _diffusers_block_registry()
     specs = []
     for name, child in model.named_children():

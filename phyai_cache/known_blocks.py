@@ -20,18 +20,35 @@ instead of giving silently wrong outputs (or failing at the first call).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
 from .errors import DiTCacheConfigError
 
-KNOWN_MODELS: dict[str, tuple[dict[str, Any], ...]] = {
+@dataclass(frozen=True)
+class KnownModel:
+    """A model class's block lists (BlockSpec fields, in execution order) and its token streams.
+
+    ``tail_streams`` name the call arguments whose tokens the model appends, in this order, after its
+    main (latent) tokens in the blocks' sequence; each adds ``argument.shape[1]`` tokens when the call
+    passes it. A decision measured over the whole sequence is dominated by the main tokens, so the
+    native engine measures each stream on its own and decides on the worst (``options.streams``).
+    """
+
+    blocks: tuple[dict[str, Any], ...]
+    tail_streams: tuple[str, ...] = ()
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
     # phyai's Cosmos3 (video, video + sound, and the policy variant whose action tokens ride in the same
     # sequence): forward runs the GEN layers only; each gets its own layer's UND text K/V (one entry
     # per batch row) and the GEN rope table (shared). The UND text tower (language_model.layers) runs
-    # once per branch in encode_condition, outside the denoising call, and is not cached.
-    "phyai.models.cosmos3.modeling_cosmos3.Cosmos3Transformer": (
-        dict(path="gen_layers", row_args=("k_und", "v_und"), shared_args=("freqs_cos", "freqs_sin")),
+    # once per branch in encode_condition, outside the denoising call, and is not cached. Action or
+    # sound tokens (never both) follow the video tokens.
+    "phyai.models.cosmos3.modeling_cosmos3.Cosmos3Transformer": KnownModel(
+        blocks=(dict(path="gen_layers", row_args=("k_und", "v_und"), shared_args=("freqs_cos", "freqs_sin")),),
+        tail_streams=("action_latents", "sound_latents"),
     ),
 }
 
@@ -61,9 +78,9 @@ CODE_BETWEEN_BLOCKS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def known_model_specs(model_class: type) -> tuple[dict[str, Any], ...]:
-    """The BlockSpec fields of ``model_class``'s block lists where this module knows them, else ()."""
-    return KNOWN_MODELS.get(f"{model_class.__module__}.{model_class.__qualname__}", ())
+def known_model(model_class: type) -> KnownModel | None:
+    """What this module knows of ``model_class``, or None."""
+    return KNOWN_MODELS.get(f"{model_class.__module__}.{model_class.__qualname__}")
 
 
 def corrected(block_class: type, spec: Any) -> Any:

@@ -202,8 +202,7 @@ def _runner_and_scheduler(target: Any) -> tuple[Any, Any]:
     runner = getattr(target, "runner", None)
     scheduler = target if runner is not None and callable(getattr(target, "step", None)) else None
     runner = runner if scheduler is not None else target
-    forward = getattr(runner, "forward", None)
-    parameters = _parameter_names(forward)
+    parameters = _parameter_names(getattr(type(runner), "forward", None))[1:]  # the class's, self excluded
     if not isinstance(getattr(runner, "transformer", None), torch.nn.Module) or parameters[:1] != ["branch"] \
             or not callable(getattr(runner, "reset", None)):
         raise DiTCacheConfigError(

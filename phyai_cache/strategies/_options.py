@@ -43,6 +43,12 @@ def choice(*allowed: str) -> Check:
     return check
 
 
+# How a measured strategy weighs a model's token streams (known_blocks.KnownModel.tail_streams, e.g.
+# the action tokens of phyai's Cosmos3 policy): "worst" measures each stream on its own tokens and
+# decides on the largest change (the default); "pooled" measures the whole sequence at once.
+STREAMS = choice("worst", "pooled")
+
+
 def _ratio_list(label: str, value: Any) -> list[float]:
     allowed = "a non-empty list of positive per-step magnitude ratios, or a mapping {step count: list}"
     if not isinstance(value, (list, tuple)) or not value:

@@ -158,28 +158,33 @@ class TinyCosmos3:
     action_chunk: int
 
 
-def tiny_cosmos3_config(action: bool = False, layers: int = 4) -> Any:
+def tiny_cosmos3_config(action: bool = False, layers: int = 4, hidden: int = 64) -> Any:
     from phyai.models.cosmos3.configuration_cosmos3 import Cosmos3Config
 
+    heads = hidden // 16
     return Cosmos3Config(
-        hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=128, vocab_size=256, mrope_section=(4, 2, 2), max_position_embeddings=32768,
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+        head_dim=16, intermediate_size=2 * hidden, vocab_size=256, mrope_section=(4, 2, 2), max_position_embeddings=32768,
         latent_channel=4, latent_patch_size=2, patch_latent_dim=16, action_gen=action, action_dim=8,
         num_embodiment_domains=2,
     )
 
 
-def build_tiny_cosmos3(action: bool = False, layers: int = 4, seed: int = 0) -> TinyCosmos3:
-    """phyai's real ``Cosmos3Transformer`` at hidden size 64 (random, seeded weights, CPU, float32)."""
+def build_tiny_cosmos3(action: bool = False, layers: int = 4, seed: int = 0, scale: float = 0.1, hidden: int = 64,
+                       video_shape: tuple[int, int, int] = (2, 4, 4)) -> TinyCosmos3:
+    """phyai's real ``Cosmos3Transformer`` at hidden size 64 (random, seeded weights, CPU, float32).
+
+    ``scale`` is the weights' standard deviation: large enough that the blocks, not only the
+    input/output projections, shape the velocity."""
     load_phyai()
     init_single_process()
     from phyai.models.cosmos3.modeling_cosmos3 import Cosmos3Transformer
 
     torch.manual_seed(seed)
-    transformer = Cosmos3Transformer(tiny_cosmos3_config(action, layers), params_dtype=torch.float32,
+    transformer = Cosmos3Transformer(tiny_cosmos3_config(action, layers, hidden), params_dtype=torch.float32,
                                      device="cpu")
-    seeded_init(transformer, seed).eval()
-    return TinyCosmos3(transformer, video_shape=(2, 4, 4), text_len=6, action_chunk=4)
+    seeded_init(transformer, seed, scale).eval()
+    return TinyCosmos3(transformer, video_shape=video_shape, text_len=6, action_chunk=4)
 
 
 def cosmos3_request(tiny: TinyCosmos3, steps: int = 12, seed: int = 0, guidance_scale: float = 6.0,
@@ -203,6 +208,34 @@ def cosmos3_scheduler(tiny: TinyCosmos3) -> Any:
     scheduler = Cosmos3T2VScheduler(tiny.transformer, device="cpu")
     scheduler.setup()
     return scheduler
+
+
+def cosmos3_policy_scheduler(tiny: TinyCosmos3) -> Any:
+    """phyai's unmodified ``Cosmos3PolicyScheduler`` (video + action) over a tiny policy model."""
+    from phyai.models.cosmos3.scheduler_ws1_cosmos3_policy import Cosmos3PolicyScheduler
+
+    scheduler = Cosmos3PolicyScheduler(tiny.transformer, device="cpu")
+    scheduler.setup()
+    return scheduler
+
+
+def cosmos3_action_request(tiny: TinyCosmos3, steps: int = 12, seed: int = 0, guidance_scale: float = 3.0,
+                           mode: str = "policy", **fields: Any) -> Any:
+    """phyai's own ``Cosmos3ActionRequest``: the observation frame as random clean latents."""
+    from phyai.models.cosmos3.scheduler_ws1_cosmos3_policy import Cosmos3ActionRequest
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (1, tiny.text_len), generator=generator)
+    neg = torch.randint(0, 256, (1, tiny.text_len), generator=generator)
+    mask = torch.ones(1, tiny.text_len, dtype=torch.long)
+    channels = tiny.transformer.latent_channel_size
+    observation = torch.randn(1, channels, *tiny.video_shape, generator=generator)
+    action_dim = tiny.transformer.action_dim
+    return Cosmos3ActionRequest(
+        text_ids=ids, text_mask=mask, neg_text_ids=neg, neg_text_mask=mask.clone(), video_shape=tiny.video_shape,
+        mode=mode, domain_id=0, action_chunk=tiny.action_chunk, raw_action_dim=action_dim, action_dim=action_dim,
+        cond_video_latents=observation, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+        **fields)
 
 
 # -- several processes: phyai's mesh over gloo and its world-size-N scheduler -------------------------

@@ -7,15 +7,14 @@ these tests check what the cache does with phyai's calls, not quality.
 
 from __future__ import annotations
 
-import copy
-import logging
-
 import pytest
 import torch
 
-from phyai_cache import BackendUnavailableError, CacheStateError, DiTCacheConfigError, enable_dit_cache
+from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfigError, enable_dit_cache,
+                         get_cache_handle)
 from phyai_cache.integrations.phyai import attach
-from phyai_cache.testing.phyai import build_tiny_cosmos3, cosmos3_request, cosmos3_scheduler
+from phyai_cache.testing.phyai import (build_tiny_cosmos3, cosmos3_action_request, cosmos3_policy_scheduler,
+                                       cosmos3_request, cosmos3_scheduler)
 
 STEPS = 12
 MODERATE = dict(enabled=True, strategy="fbcache", threshold=0.3)
@@ -32,13 +31,18 @@ def reference(tiny):
     return cosmos3_scheduler(tiny).step(cosmos3_request(tiny, steps=STEPS))
 
 
-@pytest.fixture
-def scheduler(tiny):
-    scheduler = cosmos3_scheduler(tiny)
+def _scheduler_of(tiny, build):
+    """A fresh phyai scheduler over ``tiny``; whatever cache a test left on the model is taken off."""
+    scheduler = build(tiny)
     yield scheduler
-    handle = getattr(tiny.transformer, "_phyai_cache_handle", None)
+    handle = get_cache_handle(tiny.transformer)
     if handle is not None:
         handle.disable()
+
+
+@pytest.fixture
+def scheduler(tiny):
+    yield from _scheduler_of(tiny, cosmos3_scheduler)
 
 
 def test_unmodified_scheduler_caches_with_branches_apart(tiny, scheduler, caplog):
@@ -188,3 +192,70 @@ def test_reset_inside_a_request_is_refused(tiny, scheduler):
 def test_attach_refuses_what_is_not_a_phyai_runner(tiny):
     with pytest.raises(DiTCacheConfigError, match="target"):
         attach(tiny.transformer, MODERATE)
+
+
+# -- the policy variant: (video, action) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def policy():
+    return build_tiny_cosmos3(action=True, scale=0.3)
+
+
+@pytest.fixture
+def policy_scheduler(policy):
+    yield from _scheduler_of(policy, cosmos3_policy_scheduler)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean() / b.abs().mean())
+
+
+def test_policy_decides_on_the_worst_stream(policy, policy_scheduler):
+    """The action tokens ride behind the video tokens: measured pooled, their change hardly moves the
+    statistic. By default each stream is measured on its own and the worst decides."""
+    request = cosmos3_action_request(policy, steps=STEPS)
+    reference = policy_scheduler.step(request)
+    errors = {}
+    for streams in ("pooled", "worst"):
+        cache = attach(policy_scheduler, dict(MODERATE, options={"streams": streams}))
+        out = policy_scheduler.step(request)
+        measured = [r.measures for r in cache.last_run.records if r.diff is not None]
+        errors[streams] = (_relative(out["video"], reference["video"]), _relative(out["action"], reference["action"]),
+                           cache.last_run.steps_cached)
+        if streams == "worst":
+            assert measured and all(set(m) == {"change_main", "change_action"} for m in measured)
+            assert all(r.diff == max(r.measures.values()) for r in cache.last_run.records if r.diff is not None)
+        else:
+            assert not any(measured)
+        cache.detach()
+    assert errors["worst"][1] < errors["pooled"][1]  # the action is kept closer to the uncached one
+    assert errors["worst"][2] > 0
+
+
+def test_policy_default_is_worst_stream(policy, policy_scheduler):
+    cache = attach(policy_scheduler, MODERATE)
+    policy_scheduler.step(cosmos3_action_request(policy, steps=STEPS))
+    assert any("change_action" in r.measures for r in cache.last_run.records)
+
+
+def test_policy_skip_call_forecasts_the_action_too(policy, policy_scheduler):
+    """A skipped call's (video, action) are both forecast: the action is never the stale last one."""
+    outputs = []
+    forward = policy_scheduler.runner.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        outputs.append(tuple(t.clone() for t in out))
+        return out
+
+    policy_scheduler.runner.forward = recording
+    cache = attach(policy_scheduler, dict(enabled=True, strategy="taylorseer", cache_interval=3, warmup_steps=2,
+                                          taylorseer_order=1, options={"skip_call": True}))
+    policy_scheduler.step(cosmos3_action_request(policy, steps=STEPS, guidance_scale=1.0))
+    records = cache.last_run.records
+    assert sum(r.skipped_call for r in records) > 0
+    for index, record in enumerate(records):
+        if record.skipped_call:
+            last = max(i for i in range(index) if not records[i].skipped_call)
+            video, action = outputs[index]
+            assert not torch.equal(action, outputs[last][1]) and not torch.equal(video, outputs[last][0])

@@ -49,7 +49,8 @@ from ...decision import (
     relative_l1,
     relative_l1_groups,
 )
-from ...errors import CacheStateError
+from ...errors import CacheStateError, DiTCacheConfigError
+from ...known_blocks import known_model
 from ...runtime import CallInfo, CallSource, RunState, RunStates, TransformerCall
 from ...strategies import get_strategy
 from ...graphs import refuse_capture
@@ -118,6 +119,9 @@ class RunPlan:
     options: Mapping[str, Any] = field(default_factory=dict)  # checked against NativeMethod.options
     verify: float | None = None  # options.verify: the verified forecaster's tolerance
     skip_call: bool = False  # options.skip_call: cached steps skip the whole transformer call
+    # options.streams == "worst" on a model with token streams (known_blocks.KnownModel.tail_streams):
+    # the call arguments whose tokens follow the main ones; each stream is measured on its own.
+    streams: tuple[str, ...] = ()
 
 
 @dataclass
@@ -224,14 +228,17 @@ class ChainInstallation(Installation):
         if plan is None:
             if len(self._plans) >= _MAX_PLANS:  # a server with ever-new per-request configs
                 self._plans = {self.plan.config: self.plan} if hasattr(self, "plan") else {}
-            plan = self._plans[config] = native_plan(self.lists, config, self.lifecycle.target.transformer)
+            plan = native_plan(self.lists, config, self.lifecycle.target.transformer)
+            if plan.streams and self.parallel is not None and self.parallel.group is not None:
+                raise DiTCacheConfigError(
+                    "options.streams", "worst", "'pooled' for a model sharded over process_group",
+                    hint="per-stream measures slice the whole token sequence, which no rank holds here")
+            self._plans[config] = plan
         return plan
 
     def begin_run(self, run: RunState) -> None:
         plan = self.plan_for(run.config)
         if plan.skip_call and run.request_id is not None:
-            from ...errors import DiTCacheConfigError
-
             raise DiTCacheConfigError(
                 "options.skip_call", True, "false for a served request",
                 hint="a step-level batch runs one transformer call for several requests, so no request can skip "
@@ -395,6 +402,8 @@ class ChainInstallation(Installation):
             return None if self.parallel is None else self.parallel.reducer([(g.state.shared, g.call) for g in points])
 
         def measure(group: Group) -> float:
+            if group.state.plan.streams:
+                return self._worst_stream_change(group)
             if len(groups) == 1:  # one group: the plain statistic (bit-for-bit the solo figure)
                 return relative_l1(group.residual, group.cache.decision_residual, over_ranks([group]))
             if not values:  # every measurable group's sums in one reduction (one collective on several ranks)
@@ -407,6 +416,28 @@ class ChainInstallation(Installation):
         for group in groups:  # a scheduled strategy with a verified forecaster has front blocks but no measure
             self._take(forward, group, measure=functools.partial(measure, group) if group.state.plan.measured else None)
         self._finish_batch_decision(forward)
+
+    def _worst_stream_change(self, group: Group) -> float:
+        """The largest relative L1 change over the group's token streams (options.streams="worst").
+
+        A policy model's action tokens are a few among many video tokens: pooled, their change hardly
+        moves the statistic, yet the action is what a robot executes. Each stream present in this
+        call is measured on its own tokens (``measures["change_<stream>"]``) and the worst decides."""
+        signature = self.lifecycle.target.signature
+        call, residual, reference = group.call, group.residual, group.cache.decision_residual
+        tails = []
+        for name in group.state.plan.streams:
+            value = signature.read(call.args, call.kwargs, name)
+            if isinstance(value, torch.Tensor) and value.dim() > 1:
+                tails.append((name.removesuffix("_latents"), value.shape[1]))
+        start = residual.shape[1] - sum(length for _, length in tails)
+        changes = {"main": relative_l1(residual[:, :start], reference[:, :start])}
+        for name, length in tails:
+            changes[name] = relative_l1(residual[:, start:start + length], reference[:, start:start + length])
+            start += length
+        for name, change in changes.items():
+            call.measures[f"change_{name}"] = change
+        return max(changes.values())
 
     def _take(self, forward: Forward, group: Group, measure: Any) -> None:
         """Decide one group; per-row batches commit at once, per-batch ones when all have decided."""
@@ -550,7 +581,7 @@ class ChainInstallation(Installation):
 def native_plan(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.Module | None = None) -> RunPlan:
     """How the native engine runs ``config`` on ``model`` with these block lists; raises a clear
     error naming the field when it cannot (the handle's config, a request's or an override's)."""
-    from ...errors import BackendUnavailableError, DiTCacheConfigError
+    from ...errors import BackendUnavailableError
     from ...strategies._options import validate as validate_options
 
     total = sum(len(block_list.blocks) for block_list in lists)
@@ -577,6 +608,8 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.
                  "easycache); front blocks, a verified forecaster or teacache's modulated input need the call to run")
     if skip_call and model is not None:
         check_latent_parameter(model)
+    known = known_model(type(model)) if model is not None else None
+    streams = known.tail_streams if known and spec.native.measured and options.get("streams") != "pooled" else ()
     # Without a measure on the front blocks nothing runs before the decision and the whole chain is
     # approximated; a verified forecaster needs one front block to check its forecast against.
     front, back = (config.front_blocks, config.back_blocks) if spec.native.measured else (1 if verify else 0, 0)
@@ -585,7 +618,7 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.
     return RunPlan(config, enabled=True, layout=ChainLayout(lists, front, back), rules=rules,
                    measured=spec.native.measured, forecast_order=config.taylorseer_order,
                    separate_cfg=config.separate_cfg is not False,  # "auto" -> separate: always correct
-                   method=method, options=options, verify=verify, skip_call=skip_call)
+                   method=method, options=options, verify=verify, skip_call=skip_call, streams=streams)
 
 
 class _Calibrating(StepRules):

@@ -49,17 +49,41 @@ class CallOutput:
 
 
 def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
-    """The sample tensor of a transformer output, and how to put another tensor in its place."""
+    """The tensor to forecast from a transformer output, and how to rebuild the output from a forecast.
+
+    A tuple's tensors are all forecast, as one flat tensor (the forecast is elementwise): phyai's
+    Cosmos3 policy returns ``(video, action)`` and the action is what a robot executes; reusing it
+    from the last computed step while the video is forecast would be silently stale."""
     if isinstance(output, torch.Tensor):
         return output, lambda tensor: tensor
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        rest = output[1:]
-        return output[0], lambda tensor: (tensor, *rest)
+        return _split_tuple(output)
     sample = getattr(output, "sample", None)
     if isinstance(sample, torch.Tensor) and dataclasses.is_dataclass(output):
         return sample, lambda tensor: dataclasses.replace(output, sample=tensor)
     raise CacheStateError(f"options.skip_call cannot forecast a transformer output of type {type(output).__name__}: "
                           "it needs a tensor, a tuple starting with one, or an output dataclass with .sample")
+
+
+def _split_tuple(output: tuple) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    tensors = [(i, item) for i, item in enumerate(output) if isinstance(item, torch.Tensor)]
+    if len(tensors) == 1:
+        rest = output[1:]
+        return output[0], lambda tensor: (tensor, *rest)
+    dtypes = {item.dtype for _, item in tensors}
+    if len(dtypes) > 1:
+        raise CacheStateError(f"options.skip_call cannot forecast a transformer output whose tensors differ in "
+                              f"dtype ({', '.join(map(str, dtypes))}); use the strategy without skip_call")
+    shapes = [item.shape for _, item in tensors]
+    flat = torch.cat([item.reshape(-1) for _, item in tensors])
+
+    def rebuild(forecast: torch.Tensor) -> tuple:
+        items = list(output)  # non-tensor entries as the last computed call returned them
+        for (index, _), shape, piece in zip(tensors, shapes, forecast.split([s.numel() for s in shapes])):
+            items[index] = piece.view(shape)
+        return tuple(items)
+
+    return flat, rebuild
 
 
 def check_latent_parameter(model: torch.nn.Module) -> None:
