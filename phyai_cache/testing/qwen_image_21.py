@@ -326,14 +326,15 @@ class QwenImage21Scheduler:
         self.runner.reset()
         generator = torch.Generator().manual_seed(request.seed)
         batch = request.batch_size
+        device = next(self.runner.transformer.parameters()).device
 
         def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=generator)
+            return torch.randn(*shape, generator=generator).to(device)
 
         text, negative = randn(batch, request.text_tokens, TEXT_DIM), randn(batch, request.text_tokens, TEXT_DIM)
         condition_latents = randn(batch, request.condition_tokens, LATENT_CHANNELS)
         latents = randn(batch, request.target_tokens, LATENT_CHANNELS)
-        sigmas = torch.linspace(1.0, 0.0, request.num_inference_steps + 1)
+        sigmas = torch.linspace(1.0, 0.0, request.num_inference_steps + 1, device=device)
         for index in range(request.num_inference_steps):
             model_input = torch.cat((condition_latents, latents), 1)
             timestep = sigmas[index].expand(batch)
