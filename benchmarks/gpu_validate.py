@@ -8,6 +8,11 @@ Sections, each recorded on its own (an error in one is written into the report a
 * ``guard``: a cached transformer call captured with ``torch.cuda.graph`` inside a run, and a cached
   pipeline call captured whole, must both raise GraphCaptureError; the same cached transformer
   called outside a run (uncached) must capture and replay like eager.
+* ``phyai_graphs``: a runner shaped like phyai's Qwen-Image 2.1 runner (one CUDA graph per CFG branch of
+  the whole transformer, captured at step 1, replayed after; phyai_cache.testing.qwen_image_21) with a
+  whole-call config attached: computed steps replay, cached steps forecast, decisions and outputs
+  equal the eager runner's, a forecast never aliases the graph's static output, and a block-level
+  config is refused at attach.
 * ``host_syncs``: host syncs per transformer call for each native strategy, counted by the aten ops
   torch runs (phyai_cache.testing.syncs) and by ``torch.cuda.set_sync_debug_mode("warn")``.
 * ``reference_eager``: the trained reference model (``phyai_cache.reference``), uncached against every
@@ -471,6 +476,54 @@ def uncached_capture(ctx: Context, transformer: torch.nn.Module, kwargs: dict[st
             "psnr_db": min(psnr_db(first, eager), psnr_db(second, eager)), "error": ""}
 
 
+PHYAI_GRAPH_CONFIG = dict(enabled=True, strategy="taylorseer", options={"skip_call": True})
+
+
+def phyai_graphs(ctx: Context) -> dict[str, Any]:
+    """Replay-or-skip on a phyai-shaped graph runner (real graphs on a GPU; recorded ones in a dry run)."""
+    from phyai_cache.integrations.phyai import attach
+    from phyai_cache.testing import qwen_image_21 as qwen
+
+    graph_class = qwen.TorchCudaGraph if ctx.cuda else qwen.RecordingCudaGraph
+    steps = 8  # a tiny model: the same size on every machine
+
+    def run(use_cuda_graph: bool, clone: bool = True) -> tuple[torch.Tensor, Any, Any, list]:
+        scheduler = qwen.build_scheduler(use_cuda_graph=use_cuda_graph, graph_class=graph_class,
+                                         clone_graph_output=clone)
+        scheduler.runner.transformer.to(ctx.device)
+        with attach(scheduler, PHYAI_GRAPH_CONFIG) as cache:
+            request = qwen.QwenImage21Request(num_inference_steps=steps)
+            out = scheduler.step(request)
+            return out, cache.last_run, scheduler.runner, request.outputs
+
+    eager, eager_stats, _, _ = run(False)
+    graphed, stats, runner, outputs = run(True, clone=False)
+    decisions = [(r.step, r.branch, r.decision, r.reason) for r in stats.records]
+    equal = decisions == [(r.step, r.branch, r.decision, r.reason) for r in eager_stats.records]
+    replays = sum(event.endswith(":replay") for event in runner.log)
+    captures = sum(event.endswith(":capture") for event in runner.log)
+    expected_replays = sum(r.decision == "computed" and r.step > 0 for r in stats.records)
+    statics = {graph._output.data_ptr() for graph in runner.graphs.values()}
+    aliased = [r.step for r, output in zip(stats.records, outputs) if r.skipped_call and output.data_ptr() in statics]
+    row = {"steps_cached": stats.steps_cached, "steps_total": stats.steps_total, "decisions_equal_eager": equal,
+           "psnr_vs_eager_db": psnr_db(graphed, eager), "captured": captures}
+    ctx.check("phyai graphs: decisions equal the eager runner's", equal, f"{stats.steps_cached} cached of "
+              f"{stats.steps_total}")
+    ctx.check("phyai graphs: output matches the eager runner's", row["psnr_vs_eager_db"] >= MATCH_DB,
+              f"PSNR {row['psnr_vs_eager_db']:.1f} dB")
+    ctx.check("phyai graphs: one capture per branch, a replay per computed step after step 0",
+              captures == 2 and replays == expected_replays and stats.steps_cached > 0,
+              f"{captures} captures, {replays} replays, {expected_replays} computed steps after step 0")
+    ctx.check("phyai graphs: no forecast aliases a graph's static output", not aliased, f"aliased at {aliased}")
+    try:
+        attach(qwen.build_scheduler(use_cuda_graph=True, graph_class=graph_class), enabled=True, strategy="fbcache")
+        refused = "attached"
+    except phyai_cache.DiTCacheConfigError as error:
+        refused = str(error)
+    ctx.check("phyai graphs: a block-level config is refused at attach", "use_cuda_graph" in refused, refused[:200])
+    return {"simulated_capture": not ctx.cuda, "taylorseer skip_call": row}
+
+
 def host_syncs(ctx: Context) -> dict[str, Any]:
     pipe = load_reference(ctx)
     run = reference_runner(ctx, pipe)
@@ -768,6 +821,7 @@ def compiled_large(ctx: Context) -> dict[str, Any]:
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {  # cheapest and most important first
     "environment": environment,
     "guard": guard,
+    "phyai_graphs": phyai_graphs,
     "host_syncs": host_syncs,
     "reference_eager": reference_eager,
     "memory": memory,

@@ -37,6 +37,11 @@ class BlockSpec:
     return_hidden_states_index, return_encoder_hidden_states_index:
         Where those streams are in the block's returned tuple; ``None`` for the hidden index means
         the block returns a bare tensor.
+    return_length:
+        The length of the returned tuple where it holds more than those streams (phyai's Qwen-Image
+        2.1 blocks return ``(hidden, prefix K/V or None)``); on a cached step the other items are
+        None, so a call whose blocks must return them (``return_prefix_kv=True``) is never cached
+        (:func:`phyai_cache.decision.stores_state`). Default: just long enough for the streams.
     row_args, shared_args:
         For step-level batches whose rows decide separately (serving), a block may run on a subset
         of the rows: arguments named in ``row_args`` hold one entry per batch row and are sliced,
@@ -50,6 +55,7 @@ class BlockSpec:
     encoder_hidden_states_arg: str | int | None = None
     return_hidden_states_index: int | None = None
     return_encoder_hidden_states_index: int | None = None
+    return_length: int | None = None
     row_args: tuple[str, ...] = ()
     shared_args: tuple[str, ...] = ()
 
@@ -365,4 +371,7 @@ def _has_batch_rows(value: Any, batch: int) -> bool:
 
 def _tuple_length(spec: BlockSpec) -> int:
     indices = [i for i in (spec.return_hidden_states_index, spec.return_encoder_hidden_states_index) if i is not None]
-    return max(indices) + 1 if indices else 0
+    needed = max(indices) + 1 if indices else 0
+    if spec.return_length is not None and spec.return_length < needed:
+        raise DiTCacheConfigError("blocks", spec, f"a return_length of at least {needed} (the streams' indices)")
+    return spec.return_length if spec.return_length is not None else needed

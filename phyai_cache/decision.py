@@ -64,18 +64,35 @@ def cache_key(hidden: Any, encoder: Any = None, modes: tuple = ()) -> CacheKey:
 
 
 def call_modes(args: tuple | None, kwargs: dict[str, Any] | None) -> tuple:
-    """The transformer call's string arguments: modes that change what the call computes and returns,
-    with inputs of the same shapes (Qwen-Image 2.1's ``kv_cache_mode``: step 0 ``"extract"`` prefills
-    the text KV cache and returns the whole joint sequence, later steps ``"cached"`` return the image
-    tokens only). Anything cached under one mode is not valid under another."""
-    positional = tuple(a for a in args or () if isinstance(a, str))
-    return positional + tuple(sorted((k, v) for k, v in (kwargs or {}).items() if isinstance(v, str)))
+    """The transformer call's string and boolean arguments: modes that change what the call computes
+    and returns, with inputs of the same shapes (Qwen-Image 2.1's ``kv_cache_mode`` in diffusers: step 0
+    ``"extract"`` prefills the text KV cache and returns the whole joint sequence, later steps
+    ``"cached"`` return the image tokens only; ``return_prefix_kv=True`` in phyai's model, whose step
+    0 returns each block's prefix K/V). Anything cached under one mode is not valid under another."""
+    positional = tuple(a for a in args or () if isinstance(a, (str, bool)))
+    return positional + tuple(sorted((k, v) for k, v in (kwargs or {}).items() if isinstance(v, (str, bool))))
+
+
+# Modes of a call that makes the model store per-block state for its later calls: each block returns
+# its prefix K/V (phyai's Qwen-Image 2.1, ``return_prefix_kv=True`` at step 0 of each branch) or fills
+# a KV cache (diffusers' Qwen-Image 2.1, ``kv_cache_mode="extract"``). A skipped block would store
+# nothing (or stale state), so such a call runs every block, whatever the rules say.
+STATE_STORING_MODES = frozenset({("return_prefix_kv", True), ("kv_cache_mode", "extract")})
+
+
+def stores_state(key: CacheKey) -> bool:
+    """Whether a call with ``key`` stores per-block state (:data:`STATE_STORING_MODES`)."""
+    modes = key[-1] if len(key) > 1 else ()
+    return any(mode in STATE_STORING_MODES for mode in modes if isinstance(mode, tuple))
 
 
 def cache_gap(key: CacheKey, stored_key: CacheKey | None, has_cache: bool = True) -> str | None:
-    """Why there is nothing valid to reuse for inputs with ``key``, or None."""
+    """Why there is nothing valid to reuse for inputs with ``key`` (or why the call must run every
+    block: ``stores_state``), or None."""
     if key != stored_key:
         return "shape_changed" if stored_key is not None else "no_cache"
+    if stores_state(key):
+        return "stores_state"
     return None if has_cache else "no_cache"
 
 
@@ -247,4 +264,4 @@ def relative_l1_groups(current: torch.Tensor, reference: torch.Tensor, sizes: li
 
 
 __all__ = ["CACHED", "BranchCounters", "Decision", "SharedDecisions", "StepRules", "cache_gap", "cache_key",
-           "call_modes", "decide", "record", "relative_l1", "relative_l1_groups"]
+           "call_modes", "decide", "record", "relative_l1", "relative_l1_groups", "stores_state"]

@@ -50,6 +50,14 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         blocks=(dict(path="gen_layers", row_args=("k_und", "v_und"), shared_args=("freqs_cos", "freqs_sin")),),
         tail_streams=("action_latents", "sound_latents"),
     ),
+    # phyai's Qwen-Image 2.1 (newer than the snapshot): each block returns (hidden, its prefix K/V or
+    # None); step 0 of a branch extracts the K/V (return_prefix_kv=True, never cached:
+    # decision.stores_state), later steps pass each block its own stored pair (prefix_kv). Checked
+    # against a stand-in built from phyai's call pattern (phyai_cache.testing.qwen_image_21).
+    "phyai.models.qwen_image_21.modeling_qwen_image_21.QwenImage21Transformer": (
+        dict(path="transformer_blocks", return_hidden_states_index=0, return_length=2,
+             row_args=("modulation", "prefix_kv"), shared_args=("condition", "rope", "attn_ctx")),
+    ),
 }
 
 REGISTRY_CORRECTIONS: dict[str, dict[str, Any]] = {

@@ -48,7 +48,8 @@ def test_dry_run_runs_every_section_and_every_check_passes(gpu_validate, tmp_pat
     names = " ".join(check["name"] for check in report["checks"])
     for expected in ("guard: cached transformer call captured inside a run is refused",
                      "guard: cached pipeline call captured whole is refused",
-                     "host syncs: taylorseer-balanced adds at most 0", "memory:", "cuda graph (large)"):
+                     "host syncs: taylorseer-balanced adds at most 0", "memory:", "cuda graph (large)",
+                     "phyai graphs: one capture per branch", "phyai graphs: no forecast aliases"):
         assert expected in names
     guard = report["sections"]["guard"]["result"]
     assert guard["simulated_capture"] and "capture only uncached calls" in guard["pipeline_call"]["message"]

@@ -36,6 +36,7 @@ from ..blocks import BlocksArg
 from ..config import ConfigSource, DiTCacheConfig, load_config
 from ..errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
 from ..stats import RunStats
+from . import phyai_graphs
 
 logger = logging.getLogger("phyai_cache")
 
@@ -59,6 +60,7 @@ class PhyaiCache:
         self.last_run: RunStats | None = None
         self._undo = UndoStack()
         self._in_request = False
+        self.graphs = phyai_graphs.captures_graphs(runner)  # decided at runner.forward (phyai_graphs)
 
     # -- one request ----------------------------------------------------------------------------
 
@@ -77,6 +79,8 @@ class PhyaiCache:
         try:
             config = _native(load_config(value))
             self.handle._lifecycle_for("a phyai request").check_config(config)
+            if self.graphs:
+                phyai_graphs.check_config(config, self.runner)
         except DiTCacheConfigError as error:
             hint = "; ".join(filter(None, [error.hint, where]))
             raise DiTCacheConfigError(error.field, error.value, error.allowed, hint) from error
@@ -114,15 +118,19 @@ class PhyaiCache:
 
         return step
 
-    def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_forward(self, original: Callable[..., Any], call: Callable[..., Any] | None = None) -> Callable[..., Any]:
+        """``original`` (the runner's forward) with its branch named; it runs ``call`` (default: itself)."""
+        branch_of = _branch_reader(original)
+        call = call or original
+
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
-            branch = kwargs["branch"] if "branch" in kwargs else (args[0] if args else None)
+            branch = branch_of(args, kwargs)
             if not isinstance(branch, str) or not branch:
                 raise CacheStateError(f"runner.forward got branch {branch!r}; phyai runners name each call's CFG "
-                                      "branch ('cond', 'uncond') in their first argument")
+                                      "branch ('cond', 'uncond') in their branch argument")
             with self.handle.branch(branch):
-                return original(*args, **kwargs)
+                return call(*args, **kwargs)
 
         return forward
 
@@ -170,12 +178,19 @@ def attach(target: Any, default: ConfigSource = None, *, blocks: BlocksArg = Non
     """
     runner, scheduler = _runner_and_scheduler(target)
     default_config = _native(load_config(default, **overrides))
-    transformer = runner.transformer
+    # A runner replaying CUDA graphs is cached at its forward, which phyai_graphs stands for.
+    graphed = phyai_graphs.RunnerCall.of(runner) if phyai_graphs.captures_graphs(runner) else None
+    if graphed is not None:
+        phyai_graphs.check_config(default_config, runner)
+        blocks = phyai_graphs.runner_blocks(runner, blocks)
     base = default_config if default_config.enabled else _SERVING_BASE
-    handle = enable_dit_cache(transformer, base, blocks=blocks, process_group=process_group, cfg_group=cfg_group)
+    handle = enable_dit_cache(graphed if graphed is not None else runner.transformer, base, blocks=blocks,
+                              process_group=process_group, cfg_group=cfg_group)
     cache = PhyaiCache(handle, runner, scheduler, default_config, on_stats)
     try:
-        cache._undo.patch(runner, "forward", cache._wrap_forward(runner.forward))
+        if graphed is not None:
+            graphed.handle = handle
+        cache._undo.patch(runner, "forward", cache._wrap_forward(runner.forward, graphed))
         cache._undo.patch(runner, "reset", cache._wrap_reset(runner.reset))
         if scheduler is not None:
             cache._undo.patch(scheduler, "step", cache._wrap_step(scheduler.step))
@@ -199,17 +214,35 @@ def _native(config: DiTCacheConfig) -> DiTCacheConfig:
 
 
 def _runner_and_scheduler(target: Any) -> tuple[Any, Any]:
+    phyai_graphs.refuse_whole_loop(target)
     runner = getattr(target, "runner", None)
     scheduler = target if runner is not None and callable(getattr(target, "step", None)) else None
     runner = runner if scheduler is not None else target
     parameters = _parameter_names(getattr(type(runner), "forward", None))[1:]  # the class's, self excluded
-    if not isinstance(getattr(runner, "transformer", None), torch.nn.Module) or parameters[:1] != ["branch"] \
+    if not isinstance(getattr(runner, "transformer", None), torch.nn.Module) or "branch" not in parameters \
             or not callable(getattr(runner, "reset", None)):
         raise DiTCacheConfigError(
             "target", f"<{type(target).__name__} object>",
-            "a phyai scheduler (with .runner and step(request)) or runner (with .transformer, "
-            "forward(branch, ...) and reset())")
+            "a phyai scheduler (with .runner and step(request)) or runner (with .transformer, a forward taking "
+            "a branch argument, and reset())")
     return runner, scheduler
+
+
+def _branch_reader(forward: Callable[..., Any]) -> Callable[[tuple, dict[str, Any]], Any]:
+    """Reads a runner call's ``branch`` the way the runner does: by keyword, position or default
+    (Cosmos3's runners take it first, Qwen-Image 2.1's as a keyword defaulting to "cond")."""
+    parameters = inspect.signature(forward).parameters
+    positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    position = positional.index("branch") if "branch" in positional else None
+    default = parameters["branch"].default
+    default = None if default is inspect.Parameter.empty else default
+
+    def read(args: tuple, kwargs: dict[str, Any]) -> Any:
+        if "branch" in kwargs:
+            return kwargs["branch"]
+        return args[position] if position is not None and position < len(args) else default
+
+    return read
 
 
 def _parameter_names(function: Any) -> list[str]:
