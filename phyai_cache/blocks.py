@@ -177,7 +177,7 @@ def discover_blocks(model: torch.nn.Module, blocks: BlocksArg = None) -> list[Bl
     Otherwise ``blocks`` is a path, a :class:`BlockSpec`, a mapping of BlockSpec fields, or a list
     of those, one per block list, in the order the model runs them.
     """
-    specs = _auto_specs(model) if blocks is None else _normalize_specs(blocks)
+    specs = _auto_specs(model) if blocks is None else normalize_specs(blocks)
     check_no_code_between_blocks(model, [spec.path for spec in specs])
     lists = [_resolve_block_list(model, spec) for spec in specs]
     if not lists or sum(len(bl.blocks) for bl in lists) == 0:
@@ -243,7 +243,7 @@ def _registered_metadata(registry: Any, block_class: type) -> Any:
         return None
 
 
-def _normalize_specs(blocks: BlocksArg) -> list[BlockSpec]:
+def normalize_specs(blocks: BlocksArg) -> list[BlockSpec]:
     items = [blocks] if isinstance(blocks, (str, BlockSpec, Mapping)) else blocks
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or not items:
         raise DiTCacheConfigError("blocks", blocks, "a path, a BlockSpec, a mapping or a non-empty list of them")

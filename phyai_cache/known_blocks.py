@@ -54,9 +54,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     # None); step 0 of a branch extracts the K/V (return_prefix_kv=True, never cached:
     # decision.stores_state), later steps pass each block its own stored pair (prefix_kv). Checked
     # against a stand-in built from phyai's call pattern (phyai_cache.testing.qwen_image_21).
-    "phyai.models.qwen_image_21.modeling_qwen_image_21.QwenImage21Transformer": (
-        dict(path="transformer_blocks", return_hidden_states_index=0, return_length=2,
-             row_args=("modulation", "prefix_kv"), shared_args=("condition", "rope", "attn_ctx")),
+    "phyai.models.qwen_image_21.modeling_qwen_image_21.QwenImage21Transformer": KnownModel(
+        blocks=(dict(path="transformer_blocks", return_hidden_states_index=0, return_length=2,
+                     row_args=("modulation", "prefix_kv"), shared_args=("condition", "rope", "attn_ctx")),),
     ),
 }
 

@@ -120,7 +120,7 @@ class PhyaiCache:
 
     def _wrap_forward(self, original: Callable[..., Any], call: Callable[..., Any] | None = None) -> Callable[..., Any]:
         """``original`` (the runner's forward) with its branch named; it runs ``call`` (default: itself)."""
-        branch_of = _branch_reader(original)
+        branch_of = _branch_reader(self.runner)
         call = call or original
 
         @functools.wraps(original)
@@ -218,7 +218,7 @@ def _runner_and_scheduler(target: Any) -> tuple[Any, Any]:
     runner = getattr(target, "runner", None)
     scheduler = target if runner is not None and callable(getattr(target, "step", None)) else None
     runner = runner if scheduler is not None else target
-    parameters = _parameter_names(getattr(type(runner), "forward", None))[1:]  # the class's, self excluded
+    parameters = phyai_graphs.forward_parameters(runner)
     if not isinstance(getattr(runner, "transformer", None), torch.nn.Module) or "branch" not in parameters \
             or not callable(getattr(runner, "reset", None)):
         raise DiTCacheConfigError(
@@ -228,10 +228,10 @@ def _runner_and_scheduler(target: Any) -> tuple[Any, Any]:
     return runner, scheduler
 
 
-def _branch_reader(forward: Callable[..., Any]) -> Callable[[tuple, dict[str, Any]], Any]:
-    """Reads a runner call's ``branch`` the way the runner does: by keyword, position or default
+def _branch_reader(runner: Any) -> Callable[[tuple, dict[str, Any]], Any]:
+    """Reads a runner call's ``branch`` the way the runner's class does: by keyword, position or default
     (Cosmos3's runners take it first, Qwen-Image 2.1's as a keyword defaulting to "cond")."""
-    parameters = inspect.signature(forward).parameters
+    parameters = dict(list(inspect.signature(type(runner).forward).parameters.items())[1:])  # self excluded
     positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     position = positional.index("branch") if "branch" in positional else None
     default = parameters["branch"].default
@@ -244,12 +244,6 @@ def _branch_reader(forward: Callable[..., Any]) -> Callable[[tuple, dict[str, An
 
     return read
 
-
-def _parameter_names(function: Any) -> list[str]:
-    try:
-        return list(inspect.signature(function).parameters)
-    except (TypeError, ValueError):
-        return []
 
 
 def _steps_of(request: Any) -> int | None:

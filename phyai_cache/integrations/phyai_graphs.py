@@ -32,17 +32,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from ..blocks import BlockSpec, BlocksArg
+from ..blocks import BlockSpec, BlocksArg, normalize_specs
 from ..calls import TIMESTEP_ARGUMENTS
 from ..config import DiTCacheConfig
 from ..decision import Decision
 from ..errors import CacheStateError, DiTCacheConfigError
-from ..known_blocks import known_model_specs
+from ..known_blocks import known_model
 from ..strategies import all_strategies
 
 TRANSFORMER = "transformer"  # where RunnerCall keeps the runner's transformer (block paths start here)
@@ -76,7 +76,7 @@ def refuse_whole_loop(target: Any) -> None:
     for runner in (target, getattr(target, "runner", None), getattr(target, "expert_runner", None)):
         if runner is None or not hasattr(runner, "use_cuda_graph") or not callable(getattr(runner, "forward", None)):
             continue
-        parameters = _parameters(runner.forward)
+        parameters = forward_parameters(runner)
         if "branch" in parameters or any(name in parameters for name in TIMESTEP_ARGUMENTS):
             continue
         raise DiTCacheConfigError(
@@ -146,20 +146,20 @@ def runner_blocks(runner: Any, blocks: BlocksArg) -> list[BlockSpec]:
     """The block specs of ``runner.transformer`` (``blocks``, or the ones the library knows for its
     class), as paths inside :class:`RunnerCall`."""
     if blocks is None:
-        known = known_model_specs(type(runner.transformer))
-        if not known:
+        known = known_model(type(runner.transformer))
+        if known is None:
             raise DiTCacheConfigError("blocks", None, "the block lists of the runner's transformer",
                                       hint=f"the library does not know {type(runner.transformer).__name__}'s blocks")
-        specs = [BlockSpec(**fields) for fields in known]
+        specs = [BlockSpec(**fields) for fields in known.blocks]
     else:
-        items = [blocks] if isinstance(blocks, (str, BlockSpec, Mapping)) else list(blocks)
-        specs = [item if isinstance(item, BlockSpec) else BlockSpec(item) if isinstance(item, str)
-                 else BlockSpec(**item) for item in items]
+        specs = normalize_specs(blocks)
     return [dataclasses.replace(spec, path=f"{TRANSFORMER}.{spec.path}") for spec in specs]
 
 
-def _parameters(function: Any) -> list[str]:
+def forward_parameters(runner: Any) -> list[str]:
+    """The parameter names of the runner class's forward, self excluded (the class's: an instance
+    attribute may be somebody's ``(*args, **kwargs)`` wrapper)."""
     try:
-        return list(inspect.signature(function).parameters)
-    except (TypeError, ValueError):
+        return list(inspect.signature(type(runner).forward).parameters)[1:]
+    except (AttributeError, TypeError, ValueError):
         return []
