@@ -70,8 +70,10 @@ class ChainLayout:
         self.modules: list[torch.nn.Module] = []
         self.io: list[BlockIO] = []
         self.names: list[str] = []
+        self.list_starts: set[int] = set()  # the first position of every block list
         list_of_position: list[int] = []
         for list_index, block_list in enumerate(lists):
+            self.list_starts.add(len(self.modules))
             self.modules.extend(block_list.blocks)
             self.io.extend(block_list.io)
             self.names.extend(block_list.names())
@@ -130,7 +132,7 @@ class NativeRunState:
     branches: dict[str, BranchCache] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(cache.nbytes() for cache in self.branches.values())
+        return sum(cache.nbytes() for cache in list(self.branches.values()))  # list(): one C call, thread-safe
 
 
 @dataclass
@@ -249,6 +251,37 @@ class ChainInstallation(Installation):
     def held_bytes(self) -> int:
         return sum(state.nbytes() for state in self.runs.values())
 
+    def run_bytes(self, run: RunState) -> int:
+        state = self.runs.get(run)
+        return state.nbytes() if state is not None else 0
+
+    def check_batch(self, runs: list[RunState], per_row: bool) -> None:
+        if not per_row:
+            _check_one_layout([self.runs[run].plan for run in runs])
+
+    def checkpoint(self, calls: list[CallInfo]) -> Any:
+        """Every (run, branch) of a batch as it was before the call: its branch cache (or its absence)
+        and the shared CFG decision of its step. Restored when the call raises."""
+        saved = []
+        for call in calls:
+            state = self.runs[call.run]
+            cache = state.branches.get(call.branch)
+            saved.append((state, call.branch, None if cache is None else cache.snapshot(), call.step,
+                          state.shared.by_step.get(call.step)))
+
+        def restore() -> None:
+            for state, branch, cache, step, shared in reversed(saved):
+                if cache is None:
+                    state.branches.pop(branch, None)
+                else:
+                    state.branches[branch] = cache
+                if shared is None:
+                    state.shared.by_step.pop(step, None)
+                else:
+                    state.shared.by_step[step] = shared
+
+        return restore
+
     def remove(self) -> None:
         self._undo.undo()
 
@@ -280,6 +313,9 @@ class ChainInstallation(Installation):
             return None
         refuse_capture("cached block %s was called", self.layout.names[position])
         hidden, encoder = io.hidden_in(args, kwargs), io.encoder_in(args, kwargs)
+        if forward.per_row and len(forward.groups) > 1 and position in self.layout.list_starts:
+            # Refused at the first mixed batch, not the first step whose rows happen to differ.
+            io.check_roles(args, kwargs, hidden.shape[0])
         if position == 0:
             self._start(forward, hidden, encoder, args, kwargs)
         running = [g for g in forward.groups if g.runs_block(position)]
@@ -361,8 +397,6 @@ class ChainInstallation(Installation):
                 raise CacheStateError(
                     f"the batch rows describe {forward.groups[-1].call.rows.stop} rows but the transformer's blocks "
                     f"got a batch of {forward.batch}; describe every row of the batch, in order")
-            if not forward.per_row:
-                _check_one_layout(forward.groups)
         for group in forward.groups:
             if group.decision is not None:  # decided before the call
                 continue
@@ -600,8 +634,8 @@ def _method_class(path: str) -> type[Method]:
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-def _check_one_layout(groups: list[Group]) -> None:
-    layouts = {(g.layout.front_blocks, g.layout.back_blocks) for g in groups if g.state.plan.enabled}
+def _check_one_layout(plans: list[RunPlan]) -> None:
+    layouts = {(p.layout.front_blocks, p.layout.back_blocks) for p in plans if p.enabled}
     if len(layouts) > 1:
         raise CacheStateError(
             f"per-batch decisions need every cached request of a batch to use the same front/back blocks "
