@@ -146,7 +146,7 @@ class BlockIO:
     def check_roles(self, args: tuple, kwargs: dict, batch: int) -> None:
         """Raise before anything runs when an argument could not be sliced to a subset of the rows."""
         for name, value in [*zip(self._names(args), args), *kwargs.items()]:
-            if name not in self.row_names and name not in self.shared_names and _has_batch_rows(value, batch):
+            if name not in self.row_names and name not in self.shared_names and has_batch_rows(value, batch):
                 self._ambiguous(name, batch)
 
     def _names(self, args: tuple) -> list[str]:
@@ -155,7 +155,7 @@ class BlockIO:
     def _select(self, name: str, value: Any, index: torch.Tensor, batch: int) -> Any:
         if name in self.row_names and value is not None:
             return _take_rows(value, index, batch, f"{self.path} argument {name!r}")
-        if name in self.shared_names or not _has_batch_rows(value, batch):
+        if name in self.shared_names or not has_batch_rows(value, batch):
             return value
         self._ambiguous(name, batch)
 
@@ -373,13 +373,13 @@ def _take_rows(value: Any, index: torch.Tensor, batch: int, what: str) -> Any:
     return value.index_select(0, index)
 
 
-def _has_batch_rows(value: Any, batch: int) -> bool:
+def has_batch_rows(value: Any, batch: int) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() > 0 and value.shape[0] == batch and batch > 1
     if isinstance(value, (tuple, list)):
-        return any(_has_batch_rows(item, batch) for item in value)
+        return any(has_batch_rows(item, batch) for item in value)
     if isinstance(value, Mapping):
-        return any(_has_batch_rows(item, batch) for item in value.values())
+        return any(has_batch_rows(item, batch) for item in value.values())
     return False
 
 

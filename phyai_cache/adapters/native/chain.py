@@ -57,6 +57,7 @@ from ..base import Installation
 from .method import Method, StepInputs
 from .policy import BranchCache, ResidualHistory
 from .wholecall import latent_parameter, run_whole_call
+from .wholecall import run_batch as run_whole_call_rows
 
 
 class ChainLayout:
@@ -149,6 +150,10 @@ class Group:
     residual: torch.Tensor | None = None  # the front residual, kept as reference if computed
     inputs: StepInputs | None = None  # what the strategy's own statistic looks at (NativeMethod.method)
     segment_inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # Decided before the transformer call (options.skip_call): it runs every block, or, when it skips
+    # the call but its rows are in it anyway, none (its rows pass through; the call's output for them
+    # is replaced by the forecast, wholecall.run_batch).
+    ahead: bool = False
 
     @property
     def layout(self) -> ChainLayout:
@@ -159,7 +164,7 @@ class Group:
         return tensor if tensor is None or whole else tensor[self.call.rows]
 
     def runs_block(self, position: int) -> bool:
-        return not (self.skip and self.layout.is_middle(position))
+        return not (self.skip and (self.ahead or self.layout.is_middle(position)))
 
     @property
     def refreshes(self) -> bool:
@@ -232,13 +237,6 @@ class ChainInstallation(Installation):
 
     def begin_run(self, run: RunState) -> None:
         plan = self.plan_for(run.config)
-        if plan.skip_call and run.request_id is not None:
-            from ...errors import DiTCacheConfigError
-
-            raise DiTCacheConfigError(
-                "options.skip_call", True, "false for a served request",
-                hint="a step-level batch runs one transformer call for several requests, so no request can skip "
-                     "the call; serve it with block-level caching (the same strategy without skip_call)")
         if plan.method is not None:
             plan.method.check_run(plan.options, run)
         shared = (SharedDecisions(enabled=not plan.separate_cfg) if self.parallel is None
@@ -374,8 +372,8 @@ class ChainInstallation(Installation):
         groups = []
         for call in current.calls:
             state = self.runs[call.run]
-            if isinstance(call.scratch, Decision):  # decided before the call (options.skip_call): run every block
-                groups.append(Group(call, state, None, decision=call.scratch, skip=False))
+            if isinstance(call.scratch, Decision):  # decided before the call (options.skip_call)
+                groups.append(Group(call, state, None, decision=call.scratch, skip=call.scratch.cached, ahead=True))
                 continue
             cache = self._branch_cache(state, call) if state.plan.enabled else None
             groups.append(Group(call, state, cache))
@@ -398,9 +396,9 @@ class ChainInstallation(Installation):
                     f"the batch rows describe {forward.groups[-1].call.rows.stop} rows but the transformer's blocks "
                     f"got a batch of {forward.batch}; describe every row of the batch, in order")
         for group in forward.groups:
+            group.chain_input = group.rows(hidden)
             if group.decision is not None:  # decided before the call
                 continue
-            group.chain_input = group.rows(hidden)
             modes = call_modes(group.call.args, group.call.kwargs)
             group.key = cache_key(group.chain_input, group.rows(encoder), modes)
             if not group.state.plan.enabled:
@@ -461,11 +459,11 @@ class ChainInstallation(Installation):
         """Per-batch decisions (what peers do): the batch caches only if every group would."""
         if forward.per_row or any(g.decision is None for g in forward.groups):
             return
-        if any(g.skip is not None for g in forward.groups if g.state.plan.enabled):
+        if any(g.skip is not None for g in forward.groups if g.state.plan.enabled and not g.ahead):
             return  # already committed
         everyone = all(g.decision.cached for g in forward.groups)
         for group in forward.groups:
-            if group.state.plan.enabled:
+            if group.state.plan.enabled and not group.ahead:
                 self._commit(group, group.decision if everyone else group.decision.overruled("batch_computes"))
 
     def _commit(self, group: Group, decision: Decision) -> None:
@@ -503,10 +501,19 @@ class ChainInstallation(Installation):
     # -- whole-call skipping (options.skip_call) --------------------------------------------------
 
     def run_call(self, call: CallInfo, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        plan = self.runs[call.run].plan
-        if not plan.enabled or not plan.skip_call:
+        if not self._skips_calls(call):
             return original(*args, **kwargs)
         return run_whole_call(self, call, original, args, kwargs)
+
+    def run_batch(self, forward: TransformerCall, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        ahead = [call for call in forward.calls if self._skips_calls(call)]
+        if not ahead:
+            return original(*args, **kwargs)
+        return run_whole_call_rows(self, forward, ahead, original, args, kwargs)
+
+    def _skips_calls(self, call: CallInfo) -> bool:
+        plan = self.runs[call.run].plan
+        return plan.enabled and plan.skip_call
 
     def _front_residual(self, group: Group, front_output: torch.Tensor) -> torch.Tensor:
         if front_output.shape != group.chain_input.shape:
@@ -522,7 +529,7 @@ class ChainInstallation(Installation):
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A skipping group's rows after a middle block: its input, plus the residual at a segment start."""
         segment = group.layout.segment_start.get(position)
-        if segment is not None:
+        if segment is not None and not group.ahead:  # a whole-call skip passes through: its output is forecast
             hidden_history, encoder_history = group.cache.segments[segment]
             hidden = hidden + hidden_history.predict(group.call.step)
             if encoder_history is not None and encoder is not None:
