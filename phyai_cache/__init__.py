@@ -10,7 +10,7 @@ from .blocks import BlockSpec
 from .calibration import CalibrationResult, calibrate
 from .config import DiTCacheConfig, list_presets, load_config
 from .errors import (BackendUnavailableError, CacheStateError, DistributedCacheError, DiTCacheConfigError,
-                     GraphCaptureError, PhyaiCacheError)
+                     GraphCaptureError, PhyaiCacheError, RequestClosedError, RequestFailedError)
 from .registry import list_backends
 from .requests import Request, Row
 from .stats import BatchStats, RunStats, StepRecord
@@ -29,6 +29,8 @@ __all__ = [
     "GraphCaptureError",
     "PhyaiCacheError",
     "Request",
+    "RequestClosedError",
+    "RequestFailedError",
     "Row",
     "RunStats",
     "StepRecord",

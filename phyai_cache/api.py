@@ -8,14 +8,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .blocks import BlocksArg
-from .config import ConfigSource, DiTCacheConfig, load_config
+from .config import ConfigSource, DiTCacheConfig, load_config, with_overrides
 from .distributed import resolve_parallel
 from .errors import CacheStateError
 from . import objects
 from .lifecycle import HANDLE_ATTR, Lifecycle, resolve_target
 from .runtime import CacheTarget
-from .registry import resolve_backend
-from .requests import Request, RowLike
+from .registry import registered_backends, resolve_backend
+from .requests import Request, RowLike, check_steps
 from .stats import BatchStats, RunStats
 from .target_checks import refuse_second_transformer
 
@@ -32,12 +32,16 @@ class CacheHandle:
     """
 
     def __init__(self, target: CacheTarget, config: DiTCacheConfig, backend: str | None,
-                 lifecycle: Lifecycle | None, plan_description: dict[str, Any] | None = None) -> None:
+                 lifecycle: Lifecycle | None, plan_description: dict[str, Any] | None = None,
+                 serve_later: Any = None) -> None:
         self._target = target
         self._config = config
         self._backend = backend
         self._lifecycle = lifecycle
         self._description = plan_description or {}
+        # A handle disabled by its config: what installs the native engine when the first request
+        # opens (a server's default is off, its requests bring their own configs or none).
+        self._serve_later = serve_later
 
     @property
     def config(self) -> DiTCacheConfig:
@@ -69,6 +73,7 @@ class CacheHandle:
         Outside a run, transformer calls run uncached. ``num_inference_steps`` is recorded in the
         run's stats. With a disabled config this is a no-op scope.
         """
+        num_inference_steps = check_steps(num_inference_steps)
         if self._lifecycle is None:
             yield
             return
@@ -109,8 +114,10 @@ class CacheHandle:
         here: a config the engine cannot serve on this model raises before the request exists.
         Close it with ``request.close()`` (or ``cancel()``, or use it as a context manager).
         """
-        return self._lifecycle_for("open_request").open_request(self._resolve(config, overrides), request_id,
-                                                                num_inference_steps)
+        resolved = self._resolve(config, overrides)
+        if self._lifecycle is None and self._serve_later is not None:
+            self._install_for_requests()
+        return self._lifecycle_for("open_request").open_request(resolved, request_id, num_inference_steps)
 
     @contextlib.contextmanager
     def batch(self, rows: Sequence[RowLike], *, per_row: bool = True) -> Iterator[None]:
@@ -139,10 +146,21 @@ class CacheHandle:
         """What the most recent step-level batch forward did."""
         return self._lifecycle.last_batch if self._lifecycle is not None else None
 
-    def _resolve(self, config: ConfigSource, overrides: dict[str, Any]) -> DiTCacheConfig:
+    def _resolve(self, config: ConfigSource | bool, overrides: dict[str, Any]) -> DiTCacheConfig:
+        if config is False:  # a request asking for no cache: served uncached, whatever the handle's default
+            return load_config(None, **overrides)
         if config is None:
-            return self._config.replace(**overrides) if overrides else self._config
+            return with_overrides(self._config, overrides)
         return load_config(config, **overrides)
+
+    def _install_for_requests(self) -> None:
+        """Put the native engine on the target of a handle whose config is off, at its first request.
+        Until then the target is untouched; from then on a call outside a request runs uncached."""
+        target, blocks = self._serve_later
+        lifecycle, description = _install(target, self._target, self._config, registered_backends()["native"], blocks)
+        self._lifecycle, self._backend, self._description = lifecycle, "native", description
+        self._serve_later = None
+        _mark(self)
 
     def _lifecycle_for(self, operation: str) -> Lifecycle:
         if self._lifecycle is None:
@@ -161,7 +179,7 @@ class CacheHandle:
         for obj in self._target.objects:
             if obj.__dict__.get(HANDLE_ATTR) is self:
                 del obj.__dict__[HANDLE_ATTR]
-        self._lifecycle = None
+        self._lifecycle = self._serve_later = None
 
     def __enter__(self) -> CacheHandle:
         return self
@@ -201,18 +219,30 @@ def enable_dit_cache(target: Any, config: ConfigSource = None, *, blocks: Blocks
     cache_target.parallel = resolve_parallel(cache_target.transformer, process_group, cfg_group)
     if not resolved.enabled:
         _log_disabled(resolved, overrides)
-        return CacheHandle(cache_target, resolved, None, None)
+        serve_later = (target, blocks) if resolved.backend in ("auto", "native") else None
+        return CacheHandle(cache_target, resolved, None, None, serve_later=serve_later)
 
-    refuse_second_transformer(target)
     backend = resolve_backend(resolved)
-    plan = backend.prepare(cache_target, resolved, blocks)  # validation only, nothing changed yet
-    lifecycle = Lifecycle(cache_target, resolved, backend.name)
+    lifecycle, description = _install(target, cache_target, resolved, backend, blocks)
+    return _mark(CacheHandle(cache_target, resolved, backend.name, lifecycle, description))
+
+
+def _install(target: Any, cache_target: CacheTarget, config: DiTCacheConfig, backend: Any,
+             blocks: BlocksArg) -> tuple[Lifecycle, dict[str, Any]]:
+    """Validate, then install ``backend`` on the target (atomic: on any error nothing changed)."""
+    _ensure_not_enabled(cache_target)  # again for a handle installed at its first request
+    refuse_second_transformer(target)
+    plan = backend.prepare(cache_target, config, blocks)  # validation only, nothing changed yet
+    lifecycle = Lifecycle(cache_target, config, backend.name)
     objects.install(lifecycle, plan)  # beneath offload hooks; atomic; footprint and copy guards
-    handle = CacheHandle(cache_target, resolved, backend.name, lifecycle, plan.describe())
-    for obj in cache_target.objects:
-        obj.__dict__[HANDLE_ATTR] = handle
-    logger.info("phyai_cache: enabled %s/%s on %s (%s)", backend.name, resolved.strategy,
+    logger.info("phyai_cache: enabled %s/%s on %s (%s)", backend.name, config.strategy if config.enabled else "disabled",
                 type(cache_target.pipeline or cache_target.transformer).__name__, plan.describe())
+    return lifecycle, plan.describe()
+
+
+def _mark(handle: CacheHandle) -> CacheHandle:
+    for obj in handle._target.objects:
+        obj.__dict__[HANDLE_ATTR] = handle
     return handle
 
 

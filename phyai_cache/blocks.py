@@ -61,9 +61,21 @@ class BlockSpec:
 
 
 # Block arguments whose meaning is the same in every DiT family diffusers ships: one entry per batch
-# row (timestep embeddings, masks) or one table for the whole batch (rotary embeddings).
-ROW_ARGUMENTS = ("temb", "timestep", "attention_mask", "encoder_attention_mask", "modulation", "emb")
-SHARED_ARGUMENTS = ("image_rotary_emb", "rotary_emb", "freqs_cis", "rotary_pos_emb", "pos_emb", "position_ids")
+# row (timestep embeddings and modulations, text streams and their masks, class labels) or one table
+# for the whole batch (rotary embeddings). The names were read from the blocks of every family of the
+# support matrix (phyai_cache.testing.families); docs/serving.md lists the few families whose blocks
+# take arguments with names too generic to list here (``y``, ``t``, ``mask``, ``context``).
+ROW_ARGUMENTS = (
+    "temb", "timestep", "attention_mask", "encoder_attention_mask", "modulation", "emb",
+    "encoder_hidden_states", "encoder_hidden_states_mask", "encoder_mask", "class_labels", "embedded_timestep",
+    "adaln_input", "adaln_noisy", "adaln_clean", "noise_mask", "temb_mod", "temb_mod_img", "temb_mod_txt",
+    "temb_mod_context", "conditioning_emb", "global_modulation", "text_embed", "time_embed", "text_v", "text_a",
+    "timestep_embed", "cond_mask", "adaln_global_out", "camera_conditions", "plucker_emb",
+    "audio_encoder_hidden_states", "temb_audio", "temb_ca_scale_shift", "temb_ca_audio_scale_shift",
+    "temb_ca_gate", "temb_ca_audio_gate",
+)
+SHARED_ARGUMENTS = ("image_rotary_emb", "rotary_emb", "freqs_cis", "rotary_pos_emb", "pos_emb", "position_ids",
+                    "video_rotary_emb", "audio_rotary_emb", "ca_video_rotary_emb", "ca_audio_rotary_emb")
 
 
 BlocksArg = Union[None, str, BlockSpec, Mapping[str, Any], Sequence[Union[str, BlockSpec, Mapping[str, Any]]]]
@@ -86,7 +98,8 @@ class BlockIO:
             )
         self.path = spec.path
         self.positional_names = _positional_names(module)  # of the class's forward, self excluded
-        self.row_names = {*ROW_ARGUMENTS, *spec.row_args, self.hidden_name, self.encoder_name} - {None}
+        declared_shared = set(spec.shared_args) - {self.hidden_name, self.encoder_name}
+        self.row_names = ({*ROW_ARGUMENTS, *spec.row_args} - declared_shared | {self.hidden_name, self.encoder_name}) - {None}
         self.shared_names = {*SHARED_ARGUMENTS, *spec.shared_args} - set(spec.row_args)
         self.hidden_index = spec.return_hidden_states_index
         self.encoder_index = spec.return_encoder_hidden_states_index
@@ -133,15 +146,26 @@ class BlockIO:
     def select_rows(self, args: tuple, kwargs: dict, index: torch.Tensor, batch: int) -> tuple[tuple, dict]:
         """The block's arguments for the batch rows in ``index``: per-row arguments sliced, shared ones
         passed whole. Raises when an argument cannot be told apart (see :class:`BlockSpec`)."""
-        names = [self.positional_names[i] if i < len(self.positional_names) else f"#{i}" for i in range(len(args))]
-        rows_args = tuple(self._select(name, value, index, batch) for name, value in zip(names, args))
+        rows_args = tuple(self._select(name, value, index, batch) for name, value in zip(self._names(args), args))
         return rows_args, {name: self._select(name, value, index, batch) for name, value in kwargs.items()}
+
+    def check_roles(self, args: tuple, kwargs: dict, batch: int) -> None:
+        """Raise before anything runs when an argument could not be sliced to a subset of the rows."""
+        for name, value in [*zip(self._names(args), args), *kwargs.items()]:
+            if name not in self.row_names and name not in self.shared_names and has_batch_rows(value, batch):
+                self._ambiguous(name, batch)
+
+    def _names(self, args: tuple) -> list[str]:
+        return [self.positional_names[i] if i < len(self.positional_names) else f"#{i}" for i in range(len(args))]
 
     def _select(self, name: str, value: Any, index: torch.Tensor, batch: int) -> Any:
         if name in self.row_names and value is not None:
             return _take_rows(value, index, batch, f"{self.path} argument {name!r}")
-        if name in self.shared_names or not _has_batch_rows(value, batch):
+        if name in self.shared_names or not has_batch_rows(value, batch):
             return value
+        self._ambiguous(name, batch)
+
+    def _ambiguous(self, name: str, batch: int) -> None:
         raise CacheStateError(
             f"cannot tell whether argument {name!r} of the blocks in {self.path!r} holds one entry per batch row "
             f"or is shared by all rows (its first dimension equals the batch size {batch}); declare it with "
@@ -359,13 +383,13 @@ def _take_rows(value: Any, index: torch.Tensor, batch: int, what: str) -> Any:
     return value.index_select(0, index)
 
 
-def _has_batch_rows(value: Any, batch: int) -> bool:
+def has_batch_rows(value: Any, batch: int) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() > 0 and value.shape[0] == batch and batch > 1
     if isinstance(value, (tuple, list)):
-        return any(_has_batch_rows(item, batch) for item in value)
+        return any(has_batch_rows(item, batch) for item in value)
     if isinstance(value, Mapping):
-        return any(_has_batch_rows(item, batch) for item in value.values())
+        return any(has_batch_rows(item, batch) for item in value.values())
     return False
 
 

@@ -11,6 +11,7 @@ are filled in at construction, so ``to_dict()`` always shows the values that wil
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -241,7 +242,8 @@ def load_config(source: ConfigSource = None, **overrides: Any) -> DiTCacheConfig
     ``source`` may be a ``DiTCacheConfig``, a mapping (the bare schema, or a larger pipeline/model
     config that carries a ``dit_cache:`` section anywhere in it; its other keys are ignored), a
     path to a YAML file of either shape, or the name of a preset shipped in ``configs/``.
-    ``None`` is the default (disabled) config. ``overrides`` are applied on top.
+    ``None`` is the default (disabled) config. ``overrides`` are applied on top (:func:`with_overrides`:
+    ``options`` merge into the source's options). Presets are parsed once per process.
     """
     if source is None:
         config = DiTCacheConfig()
@@ -255,7 +257,19 @@ def load_config(source: ConfigSource = None, **overrides: Any) -> DiTCacheConfig
         raise DiTCacheConfigError(
             "<config>", source, "a DiTCacheConfig, a mapping, a YAML path or a preset name"
         )
-    return config.replace(**overrides) if overrides else config
+    return with_overrides(config, overrides)
+
+
+def with_overrides(config: DiTCacheConfig, overrides: Mapping[str, Any]) -> DiTCacheConfig:
+    """``config`` with ``overrides`` on top: fields are replaced, ``options`` merge key by key, so
+    ``load_config("magcache-balanced", options={"skip_call": False})`` keeps the preset's calibrated
+    ``mag_ratios`` (pass a whole config to replace every option)."""
+    if not overrides:
+        return config
+    options = overrides.get("options")
+    if isinstance(options, Mapping):
+        overrides = {**overrides, "options": {**config.options, **options}}
+    return config.replace(**overrides)
 
 
 def _config_from_mapping(mapping: Mapping[str, Any]) -> DiTCacheConfig:
@@ -293,12 +307,19 @@ def _read_yaml_source(source: str | Path) -> Mapping[str, Any]:
         return _parse_yaml(path.read_text(encoding="utf-8"), str(path))
     preset = PRESET_DIR / f"{source}.yaml"
     if isinstance(source, str) and preset.is_file():
-        return _parse_yaml(preset.read_text(encoding="utf-8"), str(preset))
+        return _parsed_preset(str(preset), preset.stat().st_mtime_ns)
     names = list_presets()
     raise DiTCacheConfigError(
         "<config>", str(source), "an existing YAML file or a preset: " + ", ".join(names),
         hint=did_you_mean(str(source), names) or "no such file or preset",
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_preset(path: str, mtime_ns: int) -> Mapping[str, Any]:
+    """A shipped preset's YAML, parsed once (a server opens a request per admission: parsing took
+    about 10 ms). Callers build a new config from it, whose containers are their own."""
+    return _parse_yaml(Path(path).read_text(encoding="utf-8"), path)
 
 
 def _parse_yaml(text: str, origin: str) -> Mapping[str, Any]:

@@ -45,6 +45,16 @@ class CacheStateError(PhyaiCacheError, RuntimeError):
     """
 
 
+class RequestClosedError(CacheStateError):
+    """A batch row names a request that was closed or cancelled meanwhile (by another thread, say a
+    client disconnect). Nothing ran and nothing changed: a scheduler drops that row and goes on."""
+
+
+class RequestFailedError(CacheStateError):
+    """A request whose cache state could not be restored after a failed transformer call (see
+    docs/serving.md, "Failed calls"); it cannot take another step. Close or cancel it."""
+
+
 class DistributedCacheError(CacheStateError):
     """A cache collective across ranks failed or timed out, or ranks met at different decisions.
 

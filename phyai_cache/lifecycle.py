@@ -33,9 +33,9 @@ import torch
 from ._patch import ClassSwap, InstancePatch, UndoStack, in_forward_chain
 from .adapters.base import Installation
 from .config import DiTCacheConfig
-from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
+from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, DistributedCacheError
 from .graphs import refuse_capture
-from .requests import Request, Row, RowLike, normalize_rows
+from .requests import Request, Row, RowLike, check_steps, check_usable, normalize_rows
 from .runtime import CacheTarget, CallInfo, RunState, TransformerCall
 from .stats import BatchStats, RunStats
 
@@ -72,6 +72,7 @@ class Lifecycle:
         self._requests: dict[str, RunState] = {}  # open serving requests
         self._in_flight: set[int] = set()  # ids of the runs in the forward in progress
         self._closing: dict[int, bool] = {}  # closed during a forward: freed when it ends (completed?)
+        self._failed: dict[int, str] = {}  # requests whose state a failed call left unrecoverable: why
         self._lock = threading.RLock()
         self._request_ids = itertools.count()
         self._forward: TransformerCall | None = None
@@ -208,6 +209,7 @@ class Lifecycle:
 
     def open_request(self, config: DiTCacheConfig, request_id: str | None,
                      num_inference_steps: int | None) -> Request:
+        num_inference_steps = check_steps(num_inference_steps)
         self.check_config(config)
         self.check_target("handle.open_request()")
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
@@ -225,6 +227,14 @@ class Lifecycle:
         with self._lock:
             return self._requests.get(run.request_id) is run and id(run) not in self._closing
 
+    def failure_of(self, run: RunState) -> str | None:
+        """Why a failed call left this request unusable, or None."""
+        with self._lock:
+            return self._failed.get(id(run))
+
+    def request_bytes(self, run: RunState) -> int:
+        return (self.installation.run_bytes(run) or 0) if self.installation is not None else 0
+
     def close_request(self, run: RunState, completed: bool) -> None:
         """Free a request now, or when the forward it is part of ends (another thread may close it)."""
         with self._lock:
@@ -238,6 +248,7 @@ class Lifecycle:
     def _free(self, run: RunState, completed: bool) -> None:
         del self._requests[run.request_id]
         self._closing.pop(id(run), None)
+        self._failed.pop(id(run), None)
         try:
             self.installation.end_run(run)
         finally:
@@ -258,6 +269,7 @@ class Lifecycle:
         self.check_target("handle.batch()")
         if self._batch is not None:
             raise CacheStateError("handle.batch() cannot nest")
+        self.installation.check_batch([row.request._run for row in normalized], bool(per_row))
         self._batch = (normalized, bool(per_row))
         try:
             yield
@@ -311,18 +323,37 @@ class Lifecycle:
         for row, run in zip(rows, runs):
             calls.append(run.begin_call(row.branch, args, kwargs, rows=slice(start, start + row.size)))
             start += row.size
-        self._forward = TransformerCall(calls, batched=True, per_row=per_row)
+        restore = self.installation.checkpoint(calls)
+        forward = self._forward = TransformerCall(calls, batched=True, per_row=per_row)
         raised = True
         try:
-            output = original(*args, **kwargs)
+            output = self.installation.run_batch(forward, original, args, kwargs)
             raised = False
             return output
+        except BaseException as error:
+            self._undo_failed_call(calls, restore, error)
+            raise
         finally:
             self._forward = None
             for call in calls:
                 call.run.end_call(call, self.installation.blocks_per_call, raised)
             self.last_batch = BatchStats.of(calls, start, self.installation.blocks_per_call)
             self._release(runs)
+
+    def _undo_failed_call(self, calls: list[CallInfo], restore: Any, error: BaseException) -> None:
+        """A failed call costs its requests nothing: each is put back to its state from before the
+        call, so the engine can retry the step. Where that is impossible (a collective failed, so the
+        other ranks may have moved on; a backend that cannot checkpoint), the requests are marked
+        failed and their next batch raises RequestFailedError."""
+        if restore is not None and not isinstance(error, DistributedCacheError):
+            restore()
+            for call in calls:
+                call.run.undo_call(call)
+            return
+        reason = f"its transformer call raised {type(error).__name__}: {error}"
+        with self._lock:
+            for call in calls:
+                self._failed.setdefault(id(call.run), reason)
 
     def _claim(self, rows: list[Row], batch_size: int | None) -> list[RunState]:
         """Check the batch against the open requests and mark them in flight, before anything runs."""
@@ -333,10 +364,8 @@ class Lifecycle:
         with self._lock:
             runs = []
             for index, row in enumerate(rows):
-                run = row.request._run
-                if not self.is_open(run):
-                    raise CacheStateError(f"rows[{index}] names request {row.request.id!r}, which is closed")
-                runs.append(run)
+                check_usable(row.request._run, self, index)
+                runs.append(row.request._run)
             self._in_flight.update(id(run) for run in runs)
         return runs
 
@@ -433,7 +462,7 @@ class Lifecycle:
                 "one branch 'default'; with CFG or several calls per step, name them with handle.branch()")
 
     def _warn_outside_run(self) -> None:
-        if self._warned_outside_run:
+        if self._warned_outside_run or not self.config.enabled:  # off by default: uncached is what was asked
             return
         self._warned_outside_run = True
         scope = "a pipeline call" if self.target.pipeline is not None else "`with handle.run():`"

@@ -13,12 +13,13 @@ rows; the native engine then runs the middle blocks only on the rows that must c
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import DiTCacheConfig
-from .errors import CacheStateError, DiTCacheConfigError
+from .errors import CacheStateError, DiTCacheConfigError, RequestClosedError, RequestFailedError
 from .stats import RunStats
 
 if TYPE_CHECKING:
@@ -54,6 +55,18 @@ class Request:
     def closed(self) -> bool:
         return not self._lifecycle.is_open(self._run)
 
+    @property
+    def failed(self) -> bool:
+        """True when a failed transformer call left this request's state unrecoverable; its next
+        batch raises :class:`~phyai_cache.errors.RequestFailedError` (close or cancel it)."""
+        return self._lifecycle.failure_of(self._run) is not None
+
+    @property
+    def cache_bytes(self) -> int:
+        """Tensor bytes this request's cache holds right now (0 once closed); safe to read from any
+        thread while requests open, close and run."""
+        return self._lifecycle.request_bytes(self._run)
+
     def close(self) -> None:
         """Finish the request and free its cache state (a no-op when already closed)."""
         self._lifecycle.close_request(self._run, completed=True)
@@ -69,7 +82,7 @@ class Request:
         self._lifecycle.close_request(self._run, completed=exc_type is None)
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
+        state = "closed" if self.closed else "failed" if self.failed else "open"
         return f"Request({self.id!r}, {state}, strategy={self.config.strategy!r}, enabled={self.config.enabled})"
 
 
@@ -94,8 +107,7 @@ def normalize_rows(rows: Sequence[RowLike], lifecycle: Lifecycle) -> list[Row]:
         row = _as_row(item, index)
         if not isinstance(row.request, Request) or row.request._lifecycle is not lifecycle:
             raise CacheStateError(f"rows[{index}] names a request that was not opened on this cache handle")
-        if row.request.closed:
-            raise CacheStateError(f"rows[{index}] names request {row.request.id!r}, which is closed")
+        check_usable(row.request._run, lifecycle, index)
         if not isinstance(row.branch, str) or not row.branch:
             raise DiTCacheConfigError(f"rows[{index}].branch", row.branch, "a non-empty string such as 'cond'")
         if isinstance(row.size, bool) or not isinstance(row.size, int) or row.size < 1:
@@ -107,6 +119,26 @@ def normalize_rows(rows: Sequence[RowLike], lifecycle: Lifecycle) -> list[Row]:
         seen.add(key)
         normalized.append(row)
     return normalized
+
+
+def check_usable(run: RunState, lifecycle: Lifecycle, index: int) -> None:
+    """Refuse a row whose request was closed meanwhile (:class:`RequestClosedError`: drop the row) or
+    failed (:class:`RequestFailedError`: close it)."""
+    if not lifecycle.is_open(run):
+        raise RequestClosedError(f"rows[{index}] names request {run.request_id!r}, which is closed")
+    failure = lifecycle.failure_of(run)
+    if failure is not None:
+        raise RequestFailedError(f"rows[{index}] names request {run.request_id!r}, which failed: {failure}; "
+                                 "its cache state is lost, close or cancel it")
+
+
+def check_steps(value: Any) -> int | None:
+    """``num_inference_steps`` of a request or run: None (unknown) or an integer >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise DiTCacheConfigError("num_inference_steps", value, "an integer >= 1, or None when unknown")
+    return int(value)
 
 
 def _as_row(item: RowLike, index: int) -> Row:

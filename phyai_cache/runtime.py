@@ -94,9 +94,13 @@ class RunState:
         """How many calls of ``branch`` this run has made."""
         return self._branch_steps.get(branch, 0)
 
+    def undo_call(self, call: CallInfo) -> None:
+        """Take back the step ``call`` counted (its transformer call failed and is to be retried)."""
+        self._branch_steps[call.branch] = call.step
+
     def end_call(self, call: CallInfo, blocks_per_call: int, raised: bool = False) -> None:
-        if raised and call.decision is None:
-            call.decision, call.reason = "computed", "raised"
+        if raised:  # whatever it had decided: the step did not happen (RunStats.calls_failed)
+            call.decision, call.reason = "raised", "raised"
         elif call.decision is None:  # backends that do not report decisions: infer from block counts
             call.decision = "cached" if call.blocks_computed < blocks_per_call else "computed"
         self.stats.add(
@@ -172,8 +176,14 @@ class RunStates(Generic[S]):
     def __len__(self) -> int:
         return len(self._states)
 
+    def get(self, run: RunState) -> S | None:
+        entry = self._states.get(id(run))
+        return entry[1] if entry is not None else None
+
     def values(self) -> list[S]:
-        return [state for _, state in self._states.values()]
+        # list() copies the dict in one C call (the GIL is held throughout): safe to call from a
+        # metrics thread while requests open and close.
+        return [state for _, state in list(self._states.values())]
 
 
 class CallSource(Protocol):

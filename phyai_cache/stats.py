@@ -20,7 +20,7 @@ class StepRecord:
 
     step: int
     branch: str
-    decision: str  # "computed" or "cached"
+    decision: str  # "computed", "cached", or "raised" (the call failed; not a step)
     reason: str  # why: "warmup", "inactive", "no_cache", "above_threshold", "cached", ...
     diff: float | None  # the measured decision statistic (relative L1), when it was measured
     blocks_computed: int
@@ -57,6 +57,7 @@ class RunStats:
     blocks_total: int = 0
     blocks_computed: int = 0
     calls_skipped: int = 0  # cached steps whose whole transformer call was skipped (options.skip_call)
+    calls_failed: int = 0  # transformer calls that raised (records say "raised"); not counted as steps
     latency_s: float = 0.0
     peak_memory_bytes: int | None = None
     memory_kind: str = "cpu_rss_sampled"
@@ -94,7 +95,10 @@ class RunStats:
         return self.blocks_computed / self.blocks_total if self.blocks_total else 1.0
 
     def add(self, record: StepRecord, blocks_per_call: int) -> None:
-        self.records.append(record)
+        if record.decision == "raised":  # a failed call is no step: its retry is (docs/serving.md)
+            self.calls_failed += 1
+            self.records.append(record)
+            return
         self.steps_total += 1
         if record.decision == "cached":
             self.steps_cached += 1
@@ -103,6 +107,7 @@ class RunStats:
             self.steps_computed += 1
         self.blocks_total += blocks_per_call
         self.blocks_computed += record.blocks_computed
+        self.records.append(record)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -116,6 +121,8 @@ class RunStats:
     def summary(self) -> str:
         memory = "n/a" if self.peak_memory_bytes is None else f"{self.peak_memory_bytes / 2**20:.1f} MiB"
         status = "" if self.completed else " (run raised)"
+        if self.calls_failed:
+            status += f", {self.calls_failed} failed call(s) retried or abandoned"
         if not self.reached_model:
             status += " -- WARNING: no transformer call went through the cache (0 steps): nothing was cached"
         if self.warnings:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, ContextManager
 
 from ..config import DiTCacheConfig
-from ..runtime import CacheTarget, CallInfo, CallSource, RunState
+from ..runtime import CacheTarget, CallInfo, CallSource, RunState, TransformerCall
 from ..strategies import StrategySpec, all_strategies
 from ..versions import backend_version
 
@@ -53,6 +54,18 @@ class Installation(ABC):
         """Tensor bytes the cache holds right now over all open runs; None when not tracked."""
         return None
 
+    def run_bytes(self, run: RunState) -> int | None:
+        """Tensor bytes one open run holds right now (0 when closed); None when not tracked."""
+        return None
+
+    def check_batch(self, runs: list[RunState], per_row: bool) -> None:
+        """Refuse, before anything runs, a step-level batch these runs cannot share."""
+
+    def checkpoint(self, calls: list[CallInfo]) -> Callable[[], None] | None:
+        """Something that puts every run and branch of ``calls`` back to its state from before the
+        transformer call (called when the call raised), or None when that is impossible."""
+        return None
+
     def begin_run(self, run: RunState) -> None:
         """Called when a run starts, before the first transformer call."""
 
@@ -70,6 +83,11 @@ class Installation(ABC):
     def run_call(self, call: CallInfo, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Run one transformer call of a run (inside :meth:`call_context`). An engine that can
         decide before the call may return a forecast output instead of running it."""
+        return original(*args, **kwargs)
+
+    def run_batch(self, forward: TransformerCall, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Run one step-level batch forward (``serves_requests`` engines). An engine that decides
+        some row groups before the call may leave their rows out of it and return their forecast."""
         return original(*args, **kwargs)
 
     @abstractmethod

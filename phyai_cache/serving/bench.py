@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .engine import Completed, ServeRequest, StepEngine, serve_one
-from .trace import TIERS, make_trace
+from .trace import DEFAULT_TIERS, make_trace
 
 MODES = ("uncached", "per_batch", "per_row")
 
@@ -42,7 +42,7 @@ class ServingOptions:
     cfg_scale: float | None = None
     max_rows: int = 16
     rounds: int = 2
-    tiers: tuple[str, ...] = tuple(TIERS)
+    tiers: tuple[str, ...] = DEFAULT_TIERS
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_options import add_cfg_option, add_threads_option, apply_threads
-from .trace import TIERS
+from .trace import DEFAULT_TIERS, TIERS
 
 
 def add_commands(subparsers: Any) -> None:
@@ -41,7 +41,8 @@ def _trace_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per request (default 20)")
     add_cfg_option(parser, help="true CFG, cond and uncond rows batched together")
     parser.add_argument("--max-rows", type=int, default=16, help="rows per transformer call (default 16)")
-    parser.add_argument("--tiers", default=",".join(TIERS), help=f"comma list of tiers (default {','.join(TIERS)})")
+    parser.add_argument("--tiers", default=",".join(DEFAULT_TIERS),
+                        help=f"comma list of tiers among {', '.join(TIERS)} (default {','.join(DEFAULT_TIERS)})")
     parser.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
     add_threads_option(parser)
 

@@ -12,11 +12,16 @@ TIERS: dict[str, str | None] = {
     "quality": "fbcache-quality",
     "balanced": "fbcache-balanced",
     "fast": "fbcache-fast",
+    # Whole-call skipping (options.skip_call): a skipped step runs nothing of the model for its rows.
+    "easycache": "easycache-balanced",
+    "magcache": "magcache-balanced",
+    "magcache-fast": "magcache-fast",
 }
+DEFAULT_TIERS = ("uncached", "quality", "balanced", "fast")
 
 
 def make_trace(num_requests: int, rate_per_s: float, seed: int = 0, steps: int = 20,
-               cfg_scale: float | None = None, tiers: tuple[str, ...] = tuple(TIERS)) -> list[ServeRequest]:
+               cfg_scale: float | None = None, tiers: tuple[str, ...] = DEFAULT_TIERS) -> list[ServeRequest]:
     """``num_requests`` requests with exponential inter-arrival times at ``rate_per_s``, tiers drawn
     uniformly from ``tiers`` (names the engine's ``tier_configs`` know); the same arguments always
     give the same trace."""

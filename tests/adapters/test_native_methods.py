@@ -342,11 +342,9 @@ def test_disable_restores_the_model_after_every_new_mode(flux):
         assert dict(vars(flux.transformer)) == before, settings
 
 
-def test_served_requests_refuse_whole_call_skipping_but_run_the_new_strategies(toy):
+def test_served_requests_run_the_new_strategies(toy):
+    # Whole-call skipping in served requests: tests/serving/test_skip_call_rows.py.
     handle = enable_dit_cache(toy, **ON, strategy="fbcache", blocks="layers")
-    with pytest.raises(DiTCacheConfigError, match="served request") as info:
-        handle.open_request(dict(**ON, strategy="taylorseer", options={"skip_call": True}), num_inference_steps=4)
-    assert info.value.field == "options.skip_call" and handle.open_requests == []
     request = handle.open_request(dict(**ON, strategy="easycache", threshold=10.0, warmup_steps=1),
                                   num_inference_steps=4)
     x, cond = torch.randn(1, 16, 8), torch.randn(1, 16)

@@ -12,7 +12,8 @@ from phyai_cache.serving import ServeRequest, StepEngine, make_trace
 from phyai_cache.serving.engine import serve_one
 
 TIERS = {**dict.fromkeys(("uncached",), None), "quality": "fbcache-quality", "fast": "fbcache-fast",
-         "dbcache": "dbcache-balanced", "taylorseer": "taylorseer-balanced"}
+         "dbcache": "dbcache-balanced", "taylorseer": "taylorseer-balanced",
+         "easycache": "easycache-fast", "magcache": "magcache-fast"}  # whole-call skipping per row
 
 
 def _images(latents: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,7 @@ def test_the_engine_alone_reproduces_the_stock_pipeline():
 def test_batched_requests_of_every_tier_match_their_solo_runs(cfg_scale):
     pipe = reference.load_pipeline()
     handle = enable_dit_cache(pipe, enabled=True, backend="native", strategy="fbcache")
-    trace = make_trace(10, rate_per_s=500.0, seed=3, steps=12, cfg_scale=cfg_scale, tiers=tuple(TIERS))
+    trace = make_trace(14, rate_per_s=500.0, seed=1, steps=12, cfg_scale=cfg_scale, tiers=tuple(TIERS))
     engine = StepEngine(pipe, handle, max_rows=8, tier_configs=TIERS)
     finished = engine.run(trace)
     assert handle.open_requests == [] and handle.cache_bytes == 0

@@ -205,8 +205,8 @@ def test_upstream_backends_refuse_requests_batches_and_overrides_naming_the_nati
     handle.disable()
 
 
-def test_a_disabled_handle_has_no_requests_to_open(model):
-    handle = enable_dit_cache(model, enabled=False)
+def test_a_handle_disabled_by_a_config_for_an_upstream_backend_has_no_requests_to_open(model):
+    handle = enable_dit_cache(model, enabled=False, backend="diffusers")
     with pytest.raises(CacheStateError, match="disabled by its config"):
         handle.open_request(HIT)
 
@@ -264,10 +264,12 @@ def test_a_forward_that_raises_records_it_and_leaves_the_requests_usable(model, 
     with pytest.raises(RuntimeError, match="boom"):
         step_batch(model, handle, [job])
     block.forward = original
-    assert [r.blocks_computed for r in job.request.stats.records] == [2]  # recorded, with what ran
-    step_batch(model, handle, [job])
+    records = job.request.stats.records
+    assert [(r.step, r.decision, r.blocks_computed) for r in records] == [(0, "raised", 2)]  # with what ran
+    step_batch(model, handle, [job])  # the same step again (tests/serving/test_faults.py: equal to solo)
     job.request.close()
-    assert job.request.stats.steps_total == 2 and handle.cache_bytes == 0
+    assert job.request.stats.steps_total == 1 and job.request.stats.calls_failed == 1 and handle.cache_bytes == 0
+    assert [r.step for r in job.request.stats.records] == [0, 0]
 
 
 def test_requests_open_and_close_from_other_threads_while_a_scheduler_steps(model, handle):

@@ -70,7 +70,7 @@ def step_batch(model: torch.nn.Module, handle: Any, jobs: list[ToyJob], per_row:
 def solo(model: torch.nn.Module, handle: Any, config: Any, seed: int, guidance: float | None
          ) -> tuple[torch.Tensor, list]:
     """The request generated alone: (output, per-step decisions)."""
-    request = handle.open_request(config)
+    request = handle.open_request(config, num_inference_steps=STEPS)
     job = ToyJob(request, seed, guidance)
     while not job.done:
         step_batch(model, handle, [job])
@@ -79,4 +79,5 @@ def solo(model: torch.nn.Module, handle: Any, config: Any, seed: int, guidance: 
 
 
 def decisions(request: Any) -> list[tuple[int, str, str, str]]:
-    return [(r.step, r.branch, r.decision, r.reason) for r in request.stats.records]
+    """Per step: (step, branch, decision, reason); failed calls (retried) are no steps."""
+    return [(r.step, r.branch, r.decision, r.reason) for r in request.stats.records if r.decision != "raised"]

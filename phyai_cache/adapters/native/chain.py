@@ -58,6 +58,7 @@ from ..base import Installation
 from .method import Method, StepInputs
 from .policy import BranchCache, ResidualHistory
 from .wholecall import check_latent_parameter, run_whole_call
+from .wholecall import run_batch as run_whole_call_rows
 
 
 class ChainLayout:
@@ -71,8 +72,10 @@ class ChainLayout:
         self.modules: list[torch.nn.Module] = []
         self.io: list[BlockIO] = []
         self.names: list[str] = []
+        self.list_starts: set[int] = set()  # the first position of every block list
         list_of_position: list[int] = []
         for list_index, block_list in enumerate(lists):
+            self.list_starts.add(len(self.modules))
             self.modules.extend(block_list.blocks)
             self.io.extend(block_list.io)
             self.names.extend(block_list.names())
@@ -133,7 +136,7 @@ class NativeRunState:
     branches: dict[str, BranchCache] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(cache.nbytes() for cache in self.branches.values())
+        return sum(cache.nbytes() for cache in list(self.branches.values()))  # list(): one C call, thread-safe
 
 
 @dataclass
@@ -150,6 +153,10 @@ class Group:
     residual: torch.Tensor | None = None  # the front residual, kept as reference if computed
     inputs: StepInputs | None = None  # what the strategy's own statistic looks at (NativeMethod.method)
     segment_inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # Decided before the transformer call (options.skip_call): it runs every block, or, when it skips
+    # the call but its rows are in it anyway, none (its rows pass through; the call's output for them
+    # is replaced by the forecast, wholecall.run_batch).
+    ahead: bool = False
 
     @property
     def layout(self) -> ChainLayout:
@@ -160,7 +167,7 @@ class Group:
         return tensor if tensor is None or whole else tensor[self.call.rows]
 
     def runs_block(self, position: int) -> bool:
-        return not (self.skip and self.layout.is_middle(position))
+        return not (self.skip and (self.ahead or self.layout.is_middle(position)))
 
     @property
     def refreshes(self) -> bool:
@@ -238,11 +245,6 @@ class ChainInstallation(Installation):
 
     def begin_run(self, run: RunState) -> None:
         plan = self.plan_for(run.config)
-        if plan.skip_call and run.request_id is not None:
-            raise DiTCacheConfigError(
-                "options.skip_call", True, "false for a served request",
-                hint="a step-level batch runs one transformer call for several requests, so no request can skip "
-                     "the call; serve it with block-level caching (the same strategy without skip_call)")
         if plan.method is not None:
             plan.method.check_run(plan.options, run)
         shared = (SharedDecisions(enabled=not plan.separate_cfg) if self.parallel is None
@@ -254,6 +256,37 @@ class ChainInstallation(Installation):
 
     def held_bytes(self) -> int:
         return sum(state.nbytes() for state in self.runs.values())
+
+    def run_bytes(self, run: RunState) -> int:
+        state = self.runs.get(run)
+        return state.nbytes() if state is not None else 0
+
+    def check_batch(self, runs: list[RunState], per_row: bool) -> None:
+        if not per_row:
+            _check_one_layout([self.runs[run].plan for run in runs])
+
+    def checkpoint(self, calls: list[CallInfo]) -> Any:
+        """Every (run, branch) of a batch as it was before the call: its branch cache (or its absence)
+        and the shared CFG decision of its step. Restored when the call raises."""
+        saved = []
+        for call in calls:
+            state = self.runs[call.run]
+            cache = state.branches.get(call.branch)
+            saved.append((state, call.branch, None if cache is None else cache.snapshot(), call.step,
+                          state.shared.by_step.get(call.step)))
+
+        def restore() -> None:
+            for state, branch, cache, step, shared in reversed(saved):
+                if cache is None:
+                    state.branches.pop(branch, None)
+                else:
+                    state.branches[branch] = cache
+                if shared is None:
+                    state.shared.by_step.pop(step, None)
+                else:
+                    state.shared.by_step[step] = shared
+
+        return restore
 
     def remove(self) -> None:
         self._undo.undo()
@@ -286,6 +319,9 @@ class ChainInstallation(Installation):
             return None
         refuse_capture("cached block %s was called", self.layout.names[position])
         hidden, encoder = io.hidden_in(args, kwargs), io.encoder_in(args, kwargs)
+        if forward.per_row and len(forward.groups) > 1 and position in self.layout.list_starts:
+            # Refused at the first mixed batch, not the first step whose rows happen to differ.
+            io.check_roles(args, kwargs, hidden.shape[0])
         if position == 0:
             self._start(forward, hidden, encoder, args, kwargs)
         running = [g for g in forward.groups if g.runs_block(position)]
@@ -344,8 +380,8 @@ class ChainInstallation(Installation):
         groups = []
         for call in current.calls:
             state = self.runs[call.run]
-            if isinstance(call.scratch, Decision):  # decided before the call (options.skip_call): run every block
-                groups.append(Group(call, state, None, decision=call.scratch, skip=False))
+            if isinstance(call.scratch, Decision):  # decided before the call (options.skip_call)
+                groups.append(Group(call, state, None, decision=call.scratch, skip=call.scratch.cached, ahead=True))
                 continue
             cache = self._branch_cache(state, call) if state.plan.enabled else None
             groups.append(Group(call, state, cache))
@@ -367,12 +403,10 @@ class ChainInstallation(Installation):
                 raise CacheStateError(
                     f"the batch rows describe {forward.groups[-1].call.rows.stop} rows but the transformer's blocks "
                     f"got a batch of {forward.batch}; describe every row of the batch, in order")
-            if not forward.per_row:
-                _check_one_layout(forward.groups)
         for group in forward.groups:
+            group.chain_input = group.rows(hidden)
             if group.decision is not None:  # decided before the call
                 continue
-            group.chain_input = group.rows(hidden)
             modes = call_modes(group.call.args, group.call.kwargs)
             group.key = cache_key(group.chain_input, group.rows(encoder), modes)
             if not group.state.plan.enabled:
@@ -457,11 +491,11 @@ class ChainInstallation(Installation):
         """Per-batch decisions (what peers do): the batch caches only if every group would."""
         if forward.per_row or any(g.decision is None for g in forward.groups):
             return
-        if any(g.skip is not None for g in forward.groups if g.state.plan.enabled):
+        if any(g.skip is not None for g in forward.groups if g.state.plan.enabled and not g.ahead):
             return  # already committed
         everyone = all(g.decision.cached for g in forward.groups)
         for group in forward.groups:
-            if group.state.plan.enabled:
+            if group.state.plan.enabled and not group.ahead:
                 self._commit(group, group.decision if everyone else group.decision.overruled("batch_computes"))
 
     def _commit(self, group: Group, decision: Decision) -> None:
@@ -499,10 +533,19 @@ class ChainInstallation(Installation):
     # -- whole-call skipping (options.skip_call) --------------------------------------------------
 
     def run_call(self, call: CallInfo, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        plan = self.runs[call.run].plan
-        if not plan.enabled or not plan.skip_call:
+        if not self._skips_calls(call):
             return original(*args, **kwargs)
         return run_whole_call(self, call, original, args, kwargs)
+
+    def run_batch(self, forward: TransformerCall, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        ahead = [call for call in forward.calls if self._skips_calls(call)]
+        if not ahead:
+            return original(*args, **kwargs)
+        return run_whole_call_rows(self, forward, ahead, original, args, kwargs)
+
+    def _skips_calls(self, call: CallInfo) -> bool:
+        plan = self.runs[call.run].plan
+        return plan.enabled and plan.skip_call
 
     def _front_residual(self, group: Group, front_output: torch.Tensor) -> torch.Tensor:
         if front_output.shape != group.chain_input.shape:
@@ -518,7 +561,7 @@ class ChainInstallation(Installation):
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A skipping group's rows after a middle block: its input, plus the residual at a segment start."""
         segment = group.layout.segment_start.get(position)
-        if segment is not None:
+        if segment is not None and not group.ahead:  # a whole-call skip passes through: its output is forecast
             hidden_history, encoder_history = group.cache.segments[segment]
             hidden = hidden + hidden_history.predict(group.call.step)
             if encoder_history is not None and encoder is not None:
@@ -633,8 +676,8 @@ def _method_class(path: str) -> type[Method]:
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-def _check_one_layout(groups: list[Group]) -> None:
-    layouts = {(g.layout.front_blocks, g.layout.back_blocks) for g in groups if g.state.plan.enabled}
+def _check_one_layout(plans: list[RunPlan]) -> None:
+    layouts = {(p.layout.front_blocks, p.layout.back_blocks) for p in plans if p.enabled}
     if len(layouts) > 1:
         raise CacheStateError(
             f"per-batch decisions need every cached request of a batch to use the same front/back blocks "

@@ -19,6 +19,10 @@ before any block runs. A method that needs only the call's hidden input
 (``decides_before_call = True``) can also decide before the transformer call, so a skipped step
 skips the whole call (``options.skip_call``).
 
+A method keeps its state in attributes that it assigns anew, never changes a tensor it holds in
+place: a failed transformer call puts the branch back to a shallow copy taken before the call
+(``BranchCache.snapshot``).
+
 Per-step figures a method wants reported (e.g. the magnitude ratio while calibrating) go into
 ``inputs.call.measures``; they end up in ``RunStats.records[i].measures``.
 """

@@ -20,6 +20,8 @@ Taylor forecaster of order k a finite-difference extrapolation from the last k+1
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,10 +85,20 @@ class BranchCache(BranchCounters):
     output: Any = None  # whole-call skipping: the call's output over computed steps (wholecall.CallOutput)
 
     def nbytes(self) -> int:
-        histories = [h for pair in self.segments.values() for h in pair if h is not None]
+        histories = [h for pair in list(self.segments.values()) for h in pair if h is not None]  # list(): one C call
         histories += [h for h in (self.front, self.output.history if self.output else None) if h is not None]
         method = self.method.nbytes() if self.method is not None else 0
         return tensor_bytes(self.decision_residual) + sum(h.nbytes() for h in histories) + method
+
+    def snapshot(self) -> BranchCache:
+        """A copy to go back to when a transformer call fails. Cached tensors are never changed in
+        place (every update assigns new ones, also in a Method), so copying the holders is enough."""
+        saved = copy.copy(self)
+        saved.segments = {k: (copy.copy(h), copy.copy(e)) for k, (h, e) in self.segments.items()}
+        saved.front, saved.method = copy.copy(self.front), copy.copy(self.method)
+        if self.output is not None:
+            saved.output = dataclasses.replace(self.output, history=copy.copy(self.output.history))
+        return saved
 
     def has_cache(self, segments: int, measured: bool) -> bool:
         """Every segment has a residual (and, when measured, there is a decision residual)."""
