@@ -127,7 +127,7 @@ class ParallelLayout:
     ``group``: the ranks that each hold a shard (or a replica) of one transformer call; the decision
     statistic is reduced over it. ``cfg_group``: the ranks that hold the CFG branches of one
     generation; with ``separate_cfg=False`` its first member decides for the others. Either is None
-    when it has a single member (nothing to exchange); both are :class:`Communicator` s.
+    when it has a single member (nothing to exchange); each is a :class:`Communicator`.
     """
 
     group: Communicator | None
@@ -152,7 +152,8 @@ class ParallelLayout:
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "rank": self.rank, "group_ranks": list(self.group_ranks),
-                "cfg_ranks": list(self.cfg_ranks), "cfg_leader": self.cfg_ranks[0] if self.cfg_ranks else None}
+                "cfg_ranks": list(self.cfg_ranks), "cfg_leader": self.cfg_ranks[0] if self.cfg_ranks else None,
+                "communicators": [group.name for group in (self.group, self.cfg_group) if group is not None]}
 
     # -- what the engine asks for -----------------------------------------------------------
 

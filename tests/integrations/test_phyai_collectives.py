@@ -93,7 +93,7 @@ def wn_worker(rank, world_size):
     request = phyai.cosmos3_request(tiny, steps=STEPS)
     counter = CollectiveCounter()
     groups = cache_groups()
-    out = {"groups": {name: (type(g).__name__, g.ranks) if g else None for name, g in groups.items()},
+    out = {"rank": rank, "groups": {name: (type(g).__name__, g.ranks) if g else None for name, g in groups.items()},
            "uncached": scheduler.step(request)}
 
     def generate(handle, run):
@@ -109,6 +109,7 @@ def wn_worker(rank, world_size):
     # phyai's way in: attach to the scheduler with phyai's groups; the engine default shares CFG
     # decisions, a request asks for separate CFG with its own dit_cache.
     cache = attach(scheduler, CONFIG, blocks=BLOCKS, separate_cfg=False, **groups)
+    out["described"] = cache.handle.describe()["plan"]["parallel"]
     out["shared"] = generate(cache.handle, lambda: scheduler.step(request))
     separate = copy.copy(request)
     separate.dit_cache = {**CONFIG, "separate_cfg": True}
@@ -181,6 +182,8 @@ def _same_decisions(got, expected):
 def test_cache_groups_from_phyai_mesh(ranks):
     for rank in ranks:  # model axes sp, cp, tp all have size 1: nothing to reduce
         assert rank["groups"] == {"process_group": None, "cfg_group": ("PhyaiCommunicator", (0, 1))}
+        assert rank["described"]["communicators"] == ["phyai.parallel mesh 'model' axes ['cfg']"]
+        assert rank["described"]["cfg_ranks"] == [0, 1] and rank["described"]["group_ranks"] == [rank["rank"]]
 
 
 @pytest.mark.slow
