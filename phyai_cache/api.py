@@ -105,14 +105,16 @@ class CacheHandle:
         with self._lifecycle_for("override").override(self._resolve(config, overrides)):
             yield
 
-    def open_request(self, config: ConfigSource = None, *, request_id: str | None = None,
+    def open_request(self, config: ConfigSource | bool = None, *, request_id: str | None = None,
                      num_inference_steps: int | None = None, **overrides: Any) -> Request:
         """Open a request with its own cache state on this shared model (native engine only).
 
-        ``config``: a preset name, a mapping, a :class:`DiTCacheConfig` or ``None`` for the handle's
-        config, with ``overrides`` on top; ``enabled=False`` serves the request uncached. Validated
-        here: a config the engine cannot serve on this model raises before the request exists.
-        Close it with ``request.close()`` (or ``cancel()``, or use it as a context manager).
+        ``config``: a preset name, a mapping, a :class:`DiTCacheConfig`, ``None`` for the handle's
+        config or ``False`` for none (served uncached, as ``enabled=False`` is), with ``overrides`` on
+        top (``options`` merge into the source's). Validated here, ``num_inference_steps`` included: a
+        request the engine cannot serve on this model raises before it exists. A handle whose own
+        config is off installs the native engine at its first request. Close it with
+        ``request.close()`` (or ``cancel()``, or use it as a context manager).
         """
         resolved = self._resolve(config, overrides)
         if self._lifecycle is None and self._serve_later is not None:

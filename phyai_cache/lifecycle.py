@@ -323,10 +323,10 @@ class Lifecycle:
         for row, run in zip(rows, runs):
             calls.append(run.begin_call(row.branch, args, kwargs, rows=slice(start, start + row.size)))
             start += row.size
-        restore = self.installation.checkpoint(calls)
         forward = self._forward = TransformerCall(calls, batched=True, per_row=per_row)
-        raised = True
+        raised, restore = True, None
         try:
+            restore = self.installation.checkpoint(calls)
             output = self.installation.run_batch(forward, original, args, kwargs)
             raised = False
             return output

@@ -79,10 +79,10 @@ def test_a_batch_in_which_every_row_skips_runs_nothing(toy):
 
 def test_per_batch_decisions_skip_the_call_only_when_every_row_would(toy):
     model, handle = toy
-    tiers = [TIERS[0], {"enabled": False}]
-    jobs = _serve(model, handle, tiers, guidance=lambda i: None, per_row=False)
-    assert jobs[0].request.stats.calls_skipped == 0
-    assert "batch_computes" in {r.reason for r in jobs[0].request.stats.records}
+    for other in ({"enabled": False}, HIT):  # another layout too: a whole-call request decides before the call
+        jobs = _serve(model, handle, [TIERS[0], other], guidance=lambda i: None, per_row=False)
+        assert [job.request.stats.steps_cached for job in jobs] == [0, 0]
+        assert "batch_computes" in {r.reason for r in jobs[0].request.stats.records}
     tiers = [TIERS[0], dict(TIERS[0])]
     jobs = _serve(model, handle, tiers, guidance=lambda i: None, per_row=False)
     assert [job.request.stats.calls_skipped for job in jobs] == [2, 2]

@@ -57,8 +57,7 @@ from ...graphs import refuse_capture
 from ..base import Installation
 from .method import Method, StepInputs
 from .policy import BranchCache, ResidualHistory
-from .wholecall import check_latent_parameter, run_whole_call
-from .wholecall import run_batch as run_whole_call_rows
+from .wholecall import check_latent_parameter, run_whole_call, run_whole_call_rows
 
 
 class ChainLayout:
@@ -155,7 +154,7 @@ class Group:
     segment_inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     # Decided before the transformer call (options.skip_call): it runs every block, or, when it skips
     # the call but its rows are in it anyway, none (its rows pass through; the call's output for them
-    # is replaced by the forecast, wholecall.run_batch).
+    # is replaced by the forecast, wholecall.run_whole_call_rows).
     ahead: bool = False
 
     @property
@@ -677,7 +676,8 @@ def _method_class(path: str) -> type[Method]:
 
 
 def _check_one_layout(plans: list[RunPlan]) -> None:
-    layouts = {(p.layout.front_blocks, p.layout.back_blocks) for p in plans if p.enabled}
+    # whole-call requests decide before the call, whatever the layout of the others
+    layouts = {(p.layout.front_blocks, p.layout.back_blocks) for p in plans if p.enabled and not p.skip_call}
     if len(layouts) > 1:
         raise CacheStateError(
             f"per-batch decisions need every cached request of a batch to use the same front/back blocks "

@@ -190,8 +190,8 @@ CALL_ROW_ARGUMENTS = frozenset({*ROW_ARGUMENTS, "hidden_states", "pooled_project
 CALL_SHARED_ARGUMENTS = frozenset({*SHARED_ARGUMENTS, "img_ids", "txt_ids"})
 
 
-def run_batch(engine: ChainInstallation, forward: TransformerCall, ahead: list[CallInfo], original: Any,
-              args: tuple, kwargs: dict[str, Any]) -> Any:
+def run_whole_call_rows(engine: ChainInstallation, forward: TransformerCall, ahead: list[CallInfo], original: Any,
+                        args: tuple, kwargs: dict[str, Any]) -> Any:
     """A step-level batch in which the ``ahead`` calls skip whole calls (``options.skip_call``).
 
     They decide on their own rows before the call. If every row of the batch skips, nothing runs; if
