@@ -383,12 +383,10 @@ def capturing(ctx: Context) -> Iterator[None]:
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             yield
         return
-    saved = torch.cuda.is_initialized, torch.cuda.is_current_stream_capturing
-    torch.cuda.is_initialized = torch.cuda.is_current_stream_capturing = lambda: True
-    try:
+    from phyai_cache.testing.qwen_image_21 import simulated_capture
+
+    with simulated_capture():
         yield
-    finally:
-        torch.cuda.is_initialized, torch.cuda.is_current_stream_capturing = saved
 
 
 def refused_under_capture(ctx: Context, fn: Callable[[], Any]) -> dict[str, Any]:
