@@ -6,7 +6,7 @@ phyai's real model by ``tests/integrations/test_phyai.py``.
 
 :mod:`phyai_cache.blocks` reads how a block takes and returns its streams from diffusers'
 ``TransformerBlockRegistry``. For a few block classes that entry does not match the block (found by
-the support matrix, :mod:`phyai_cache.testing.families`, which runs every family diffusers ships);
+the support matrix, :mod:`phyai_cache_lab.testing.families`, which runs every family diffusers ships);
 the correct description is given here, keyed by the block class's module and name. Each entry is
 checked against the real block by ``tests/test_known_blocks.py``.
 
@@ -53,7 +53,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     # phyai's Qwen-Image 2.1 (newer than the snapshot): each block returns (hidden, its prefix K/V or
     # None); step 0 of a branch extracts the K/V (return_prefix_kv=True, never cached:
     # decision.stores_state), later steps pass each block its own stored pair (prefix_kv). Checked
-    # against a stand-in built from phyai's call pattern (phyai_cache.testing.qwen_image_21).
+    # against a stand-in built from phyai's call pattern (phyai_cache_lab.testing.qwen_image_21).
     "phyai.models.qwen_image_21.modeling_qwen_image_21.QwenImage21Transformer": KnownModel(
         blocks=(dict(path="transformer_blocks", return_hidden_states_index=0, return_length=2,
                      row_args=("modulation", "prefix_kv"), shared_args=("condition", "rope", "attn_ctx")),),

@@ -11,7 +11,7 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 import phyai_cache.known_blocks as known_blocks
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
 from phyai_cache.blocks import discover_blocks
-from phyai_cache.testing.families import FAILED, FAMILIES, denoise, family, run_family
+from phyai_cache_lab.testing.families import FAILED, FAMILIES, denoise, family, run_family
 
 CORRECTED_FAMILIES = {
     "diffusers.models.transformers.transformer_bria.BriaTransformerBlock": ("bria", "transformer_blocks"),

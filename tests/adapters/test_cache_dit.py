@@ -22,7 +22,7 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read once, when cache_d
 cache_dit = pytest.importorskip("cache_dit")
 
 import phyai_cache.adapters.cache_dit as adapter_module  # noqa: E402
-import phyai_cache.testing.families as families  # noqa: E402
+import phyai_cache_lab.testing.families as families  # noqa: E402
 import phyai_cache.lifecycle as lifecycle_module  # noqa: E402
 from snapshots import target_fingerprint  # noqa: E402
 
@@ -35,8 +35,8 @@ from phyai_cache import (  # noqa: E402
     get_cache_handle,
 )
 from phyai_cache.registry import resolve_backend  # noqa: E402
-from phyai_cache.testing import available_families, build_tiny_pipeline, family_available  # noqa: E402
-from phyai_cache.testing.toy import build_toy_dit, denoise  # noqa: E402
+from phyai_cache_lab.testing import available_families, build_tiny_pipeline, family_available  # noqa: E402
+from phyai_cache_lab.testing.toy import build_toy_dit, denoise  # noqa: E402
 from phyai_cache.versions import feature_available  # noqa: E402
 
 ON = {"enabled": True, "backend": "cache_dit", "threshold": 0.6, "warmup_steps": 1}

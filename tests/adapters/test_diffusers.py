@@ -19,8 +19,8 @@ import phyai_cache.lifecycle as lifecycle_module
 from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfigError, disable_dit_cache,
                          enable_dit_cache)
 from phyai_cache.adapters.diffusers import DiffusersBackend
-from phyai_cache.testing import FAMILIES, build_tiny_pipeline
-from phyai_cache.testing.families import SERVED, family, run_family
+from phyai_cache_lab.testing import FAMILIES, build_tiny_pipeline
+from phyai_cache_lab.testing.families import SERVED, family, run_family
 from phyai_cache.versions import MIN_VERSIONS
 
 STRATEGIES = ("fbcache", "pab", "fastercache", "taylorseer", "magcache")

@@ -10,7 +10,7 @@ import torch
 from counting import count_block_executions
 
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
-from phyai_cache.testing import FAMILIES, build_tiny_pipeline
+from phyai_cache_lab.testing import FAMILIES, build_tiny_pipeline
 
 STRATEGIES = {
     "fbcache": dict(strategy="fbcache", threshold=10.0, warmup_steps=1),

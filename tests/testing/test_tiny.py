@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phyai_cache.testing import FAMILIES, TinyPipeline, build_tiny_pipeline, count_transformer_calls
+from phyai_cache_lab.testing import FAMILIES, TinyPipeline, build_tiny_pipeline, count_transformer_calls
 
 STEPS = 3
 

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DiTCacheConfig, list_presets, load_config
-from ..registry import list_backends
-from ..strategies import get_strategy
+from phyai_cache.config import DiTCacheConfig, list_presets, load_config
+from phyai_cache.registry import list_backends
+from phyai_cache.strategies import get_strategy
 
 # Threshold grids for the strategies whose threshold scale we know (relative L1 of the decision
 # residual: ~0.1 early, ~0.3 late on the reference model). Other threshold strategies get

@@ -1,6 +1,6 @@
-"""Test helpers: tiny random-weight, offline diffusers pipelines (see :mod:`phyai_cache.testing.tiny`)."""
+"""Test helpers: tiny random-weight, offline diffusers pipelines (see :mod:`phyai_cache_lab.testing.tiny`)."""
 
-from phyai_cache.testing.tiny import (
+from phyai_cache_lab.testing.tiny import (
     DEFAULT_RESOLUTION,
     FAMILIES,
     TinyPipeline,

@@ -8,7 +8,7 @@ plus the keyword arguments of one call; :func:`denoise` drives it with a minimal
 (``handle.run()`` around the generation, ``handle.branch()`` around each branch's call, an Euler
 step on the latent when the prediction has its shape). Pipeline-level behaviour (the pipeline's own
 loop, ``cache_context`` names, KV caches) is tested on the tiny pipelines of
-:mod:`phyai_cache.testing.tiny`.
+:mod:`phyai_cache_lab.testing.tiny`.
 
 ``FAMILIES`` lists the families; ``NOT_BUILT`` the DiT classes that cannot be built or driven here
 (with the reason); ``NOT_DIT`` the classes exported from ``diffusers.models.transformers`` that are
