@@ -154,14 +154,14 @@ def test_qwenimage21_with_its_block_spec_is_refused_at_enable_and_auto_serves_it
     reference = pipeline.run(num_inference_steps=3, cfg=True)
     before = target_fingerprint(pipeline.pipe)
     with pytest.raises(DiTCacheConfigError, match="backend='native', which serves this model") as info:
-        enable_dit_cache(pipeline.pipe, blocks=pipeline.blocks, **{**ON, **SERVED[strategy]})
+        enable_dit_cache(pipeline.pipe, **{**ON, **SERVED[strategy]})
     assert (info.value.field, info.value.value) == ("target", "QwenImage21Transformer2DModel")
     assert target_fingerprint(pipeline.pipe) == before
     assert torch.equal(pipeline.run(num_inference_steps=3, cfg=True), reference)
     # The tiny random model's residual changes by more than 100 % per step: a threshold the native
     # engine (diff < threshold) can meet.
     auto = {**ON, **SERVED[strategy], "backend": "auto", "threshold": 2.0}
-    handle = enable_dit_cache(pipeline.pipe, blocks=pipeline.blocks, **auto)
+    handle = enable_dit_cache(pipeline.pipe, **auto)
     pipeline.run(num_inference_steps=6, cfg=True)
     assert handle.last_run.backend == "native" and handle.last_run.steps_cached > 0
 
@@ -191,7 +191,7 @@ def test_models_cache_dit_would_fail_on_are_refused_untouched_and_auto_serves_th
     before = families.target_fingerprint(transformer)
     for strategy in ("fbcache", "dbcache"):
         with pytest.raises(DiTCacheConfigError, match="backend='native', which serves this model") as info:
-            enable_dit_cache(transformer, blocks=fam.blocks, **{**ON, **SERVED[strategy]})
+            enable_dit_cache(transformer, **{**ON, **SERVED[strategy]})
         assert info.value.field == CALL_TIME_FAILURES[name]
     assert families.target_fingerprint(transformer) == before
     assert all(torch.equal(a, b) for a, b in zip(families.denoise(fam, transformer), reference))

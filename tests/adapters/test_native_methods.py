@@ -191,7 +191,7 @@ def test_teacache_on_chroma_measures_the_chain_input():
     fam = families.family("chroma")
     transformer = fam.build()
     reference, before = families.denoise(fam, transformer), families.target_fingerprint(transformer)
-    settings = dict(enabled=True, backend="native", blocks=fam.blocks, strategy="teacache", threshold=10.0,
+    settings = dict(enabled=True, backend="native", strategy="teacache", threshold=10.0,
                     warmup_steps=1)
     with pytest.raises(DiTCacheConfigError, match="ChromaTransformerBlock") as info:
         enable_dit_cache(transformer, **settings, options={"probe": "modulated"})

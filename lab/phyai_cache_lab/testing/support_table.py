@@ -10,6 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import diffusers
+
+from phyai_cache.blocks import BlockSpec
+from phyai_cache.known_blocks import known_model
+
 from . import families as fam
 from .families import FAILED, REFUSED, SERVED, Cell, Matrix
 
@@ -45,9 +50,9 @@ def render(matrix: Matrix) -> str:
         f"from a tiny config with seeded random weights, driven by a minimal CFG loop: {fam.STEPS} steps x 2",
         "branches (`handle.run()` around the generation, `handle.branch()` around each call). Every",
         "(backend, strategy) the installation offers is enabled with settings that make a random-weight",
-        "model hit the cache (`HIT_SETTINGS` in `families.py`). Block lists come from diffusers' block",
-        "registry, or, where it has none, from the spec declared for the family (`DECLARED_BLOCKS`: what",
-        "you pass as `blocks=`). The full pipelines of Flux, Wan, QwenImage, HunyuanVideo, Qwen-Image 2.1",
+        "model hit the cache (`HIT_SETTINGS` in `families.py`). Every family is enabled with `blocks=None`:",
+        "the library finds the block lists itself, from diffusers' block registry or, where it has none, from",
+        "what it knows of the model class (`phyai_cache/known_blocks.py`, listed below). The full pipelines of Flux, Wan, QwenImage, HunyuanVideo, Qwen-Image 2.1",
         "and Cosmos3 are tested in `tests/adapters/`.",
         "",
         "- **served**: steps were cached in both branches; the first step equals the uncached model's; with",
@@ -84,7 +89,7 @@ def render(matrix: Matrix) -> str:
     ]
     for name in _families(matrix):
         family = fam.family(name)
-        row = [name, f"`{family.model_class}`", "declared" if family.blocks is not None else "registry"]
+        row = [name, f"`{family.model_class}`", "known" if _known_specs(family) else "registry"]
         for backend, strategy in matrix.combos:
             cell = matrix.cell(name, backend, strategy)
             row.append(_cell_text(cell, refusals, failures))
@@ -99,12 +104,13 @@ def render(matrix: Matrix) -> str:
             lines.append(f"- **F{number}** — {where}: {_escape(text)}")
     else:
         lines.append("None.")
-    lines += ["", "## Declared block specs", "",
-              "For the families whose block classes diffusers' registry does not describe:", ""]
+    lines += ["", "## Blocks the library knows", "",
+              "For the families whose block classes diffusers' registry does not describe, what",
+              "`phyai_cache/known_blocks.py` holds (found with `blocks=None`; pass the same to override):", ""]
     for name in _families(matrix):
-        blocks = fam.family(name).blocks
-        if blocks is not None:
-            lines.append(f"- **{name}**: `blocks={_spec_text(blocks)}`")
+        specs = _known_specs(fam.family(name))
+        if specs:
+            lines.append(f"- **{name}**: `blocks={_spec_text(specs if len(specs) > 1 else specs[0])}`")
     notes = [f for f in fam.FAMILIES if f.note and f.name in _families(matrix)]
     if notes:
         lines += ["", "## Notes", ""] + [f"- **{f.name}**: {f.note}." for f in notes]
@@ -142,10 +148,19 @@ def _cell_text(cell: Cell, refusals: dict[str, int], failures: dict[str, int]) -
     return f"**FAILED (F{failures[cell.reason]})**"
 
 
+def _known_specs(family: fam.Family) -> list[str | BlockSpec]:
+    """The block lists the library knows for the family's class, as a user would write them."""
+    known = known_model(getattr(diffusers, family.model_class))
+    if known is None:
+        return []
+    return [fields["path"] if set(fields) == {"path"} else BlockSpec(**fields) for fields in known.blocks]
+
+
 def _spec_text(blocks) -> str:
     text = repr(blocks)
     for default in (", hidden_states_arg=0", ", encoder_hidden_states_arg=None", ", return_hidden_states_index=None",
-                    ", return_encoder_hidden_states_index=None"):
+                    ", return_encoder_hidden_states_index=None", ", return_length=None", ", row_args=()",
+                    ", shared_args=()"):
         text = text.replace(default, "")
     return text
 

@@ -89,8 +89,8 @@ qwenimage21 -- ``QwenImage21Pipeline`` + ``QwenImage21Transformer2DModel`` (Qwen
     id. ``_TokenizerProcessor`` provides exactly those with a real tiny
     ``Qwen2Tokenizer`` -- the only stand-in in this module.
     Blocks: ``transformer_blocks`` (4 x QwenImage21TransformerBlock), which
-    diffusers' block registry does not describe: ``TinyPipeline.blocks`` declares
-    ``BlockSpec("transformer_blocks")`` (pass it as ``enable_dit_cache(..., blocks=)``).
+    diffusers' block registry does not describe; the library knows them
+    (``phyai_cache.known_blocks``), so ``enable_dit_cache`` finds them itself.
 
 cosmos3 -- ``Cosmos3OmniPipeline`` + ``Cosmos3OmniTransformer`` (Cosmos 3, text-to-image)
     kwargs: prompt (a string: the pipeline has no text encoder, the transformer
@@ -128,7 +128,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from phyai_cache.blocks import BlockSpec
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -169,11 +168,6 @@ class TinyPipeline:
     @property
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer
-
-    @property
-    def blocks(self) -> Any:
-        """The ``blocks=`` to pass to ``enable_dit_cache`` (``None``: diffusers describes the blocks)."""
-        return _BLOCK_SPECS.get(self.family)
 
     @property
     def max_batch_size(self) -> int | None:
@@ -346,8 +340,6 @@ _TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
 _OVERRIDE_ALIASES: dict[str, dict[str, str]] = {"cosmos3": {"num_layers": "num_hidden_layers"}}
 
 
-_BLOCK_SPECS: dict[str, Any] = {"qwenimage21": BlockSpec("transformer_blocks")}
-"""Block specs for the families whose blocks diffusers' registry does not describe."""
 
 _BLOCK_LISTS: dict[str, tuple[str, ...]] = {
     "qwenimage21": ("transformer_blocks",),
