@@ -19,7 +19,7 @@ import phyai_cache.lifecycle as lifecycle_module
 from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfigError, disable_dit_cache,
                          enable_dit_cache)
 from phyai_cache.adapters.diffusers import DiffusersBackend
-from phyai_cache_lab.testing import FAMILIES, build_tiny_pipeline
+from phyai_cache_lab.testing import PIPELINE_FAMILIES, build_tiny_pipeline
 from phyai_cache_lab.testing.families import SERVED, family, run_family
 from phyai_cache.versions import MIN_VERSIONS
 
@@ -35,7 +35,7 @@ HIT = {
     "magcache": dict(threshold=10.0),
 }
 # What a user must supply beyond HIT for the strategy to serve that model at all.
-REQUIRED_OPTIONS = {("magcache", family): FLAT_RATIOS for family in FAMILIES if family != "flux"}
+REQUIRED_OPTIONS = {("magcache", family): FLAT_RATIOS for family in PIPELINE_FAMILIES if family != "flux"}
 # Combinations that cannot serve with those settings: (error, field it names).
 REFUSED = {
     ("taylorseer", "wan"): (DiTCacheConfigError, "options.cache_identifiers"),
@@ -115,7 +115,7 @@ def test_importing_the_adapter_does_not_import_diffusers():
 # -- the strategy x model matrix ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_model_matrix(strategy, family, monkeypatch):
     """Serves with steps cached and stats filled, or refuses at enable time leaving the pipeline as it was;

@@ -10,7 +10,7 @@ import torch
 from counting import count_block_executions
 
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
-from phyai_cache_lab.testing import FAMILIES, build_tiny_pipeline
+from phyai_cache_lab.testing import PIPELINE_FAMILIES, build_tiny_pipeline
 
 STRATEGIES = {
     "fbcache": dict(strategy="fbcache", threshold=10.0, warmup_steps=1),
@@ -34,7 +34,7 @@ SKIP_CALL_REFUSED = {"cosmos3"}
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_strategy_caches_and_counts_exactly(family, strategy, monkeypatch):
     tiny = build_tiny_pipeline(family)
     executed = count_block_executions(monkeypatch, tiny.transformer, tiny.blocks)
@@ -77,7 +77,7 @@ def runs_for(tiny) -> list[dict]:
 
 
 @pytest.mark.parametrize("strategy", ["fbcache+taylorseer", "dbcache", "taylorseer"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_run_after_run_equals_fresh_run(family, strategy):
     reused = build_tiny_pipeline(family)
     settings = dict(enabled=True, backend="native", **STRATEGIES[strategy])
@@ -88,7 +88,7 @@ def test_run_after_run_equals_fresh_run(family, strategy):
         assert torch.equal(reused.run(**kwargs), fresh.run(**kwargs)), kwargs
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_disable_restores_bit_identical_output(family):
     tiny = build_tiny_pipeline(family)
     reference = tiny.run(num_inference_steps=4, cfg=True)

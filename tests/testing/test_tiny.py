@@ -12,12 +12,12 @@ import pytest
 from phyai_cache.blocks import discover_blocks
 import torch
 
-from phyai_cache_lab.testing import FAMILIES, TinyPipeline, build_tiny_pipeline, count_transformer_calls
+from phyai_cache_lab.testing import PIPELINE_FAMILIES, TinyPipeline, build_tiny_pipeline, count_transformer_calls
 
 STEPS = 3
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=PIPELINE_FAMILIES)
 def tiny(request: pytest.FixtureRequest) -> TinyPipeline:
     return build_tiny_pipeline(request.param)
 
@@ -85,7 +85,7 @@ def test_block_lists_have_enough_blocks(tiny: TinyPipeline) -> None:
     assert sum(blocks) >= 4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_same_seed_same_weights(family: str) -> None:
     state = torch.random.get_rng_state()
     a = build_tiny_pipeline(family, seed=7).transformer.state_dict()
@@ -96,7 +96,7 @@ def test_same_seed_same_weights(family: str) -> None:
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_transformer_overrides(family: str) -> None:
     tiny = build_tiny_pipeline(family, num_layers=3)
     first_list = getattr(tiny.transformer, tiny.block_lists[0])

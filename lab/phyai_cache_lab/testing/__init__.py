@@ -2,7 +2,7 @@
 
 from phyai_cache_lab.testing.tiny import (
     DEFAULT_RESOLUTION,
-    FAMILIES,
+    PIPELINE_FAMILIES,
     TinyPipeline,
     available_families,
     build_tiny_pipeline,
@@ -12,7 +12,7 @@ from phyai_cache_lab.testing.tiny import (
 
 __all__ = [
     "DEFAULT_RESOLUTION",
-    "FAMILIES",
+    "PIPELINE_FAMILIES",
     "TinyPipeline",
     "available_families",
     "build_tiny_pipeline",

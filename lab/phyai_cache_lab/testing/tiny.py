@@ -132,7 +132,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-FAMILIES: tuple[str, ...] = ("flux", "wan", "qwenimage", "hunyuanvideo", "qwenimage21", "cosmos3")
+PIPELINE_FAMILIES: tuple[str, ...] = ("flux", "wan", "qwenimage", "hunyuanvideo", "qwenimage21", "cosmos3")
 
 DEFAULT_RESOLUTION = 64
 """Default height == width in pixels: 16 image tokens per frame (8x VAE, 2x2 patches)."""
@@ -221,8 +221,8 @@ def build_tiny_pipeline(
     config (e.g. ``num_layers=6``, which means ``num_hidden_layers`` for cosmos3);
     the global torch RNG state is not changed.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in PIPELINE_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {PIPELINE_FAMILIES}")
     aliases = _OVERRIDE_ALIASES.get(family, {})
     overrides = {aliases.get(name, name): value for name, value in transformer_overrides.items()}
     config = {**_TRANSFORMER_CONFIGS[family], **overrides}
@@ -360,7 +360,7 @@ def family_available(family: str) -> bool:
 
 
 def available_families() -> tuple[str, ...]:
-    return tuple(f for f in FAMILIES if family_available(f))
+    return tuple(f for f in PIPELINE_FAMILIES if family_available(f))
 
 
 def _transformer_class(family: str) -> type:
