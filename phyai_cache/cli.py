@@ -21,8 +21,8 @@ LAB_COMMANDS = ("bench", "tune", "calibrate", "demo", "support", "serve", "bench
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    hint = _lab_hint(argv, parser)
+    parser, commands = _parser()
+    hint = _lab_hint(sys.argv[1:] if argv is None else list(argv), set(commands.choices))
     if hint is not None:
         print(f"error: {hint}", file=sys.stderr)
         return 2
@@ -35,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The parser, and its subcommands (``.choices``: name -> parser)."""
     parser = argparse.ArgumentParser(prog="phyai-cache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
 
     _add_extension_commands(commands)
-    return parser
+    return parser, commands
 
 
 def _add_extension_commands(commands: Any) -> None:
@@ -70,10 +71,8 @@ def _add_extension_commands(commands: Any) -> None:
         entry.load()(commands)
 
 
-def _lab_hint(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> str | None:
+def _lab_hint(words: list[str], known: set[str]) -> str | None:
     """What to install when a lab command is asked for and the lab is not installed."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    known = parser._subparsers._group_actions[0].choices if parser._subparsers else {}  # type: ignore[union-attr]
     if words and words[0] in LAB_COMMANDS and words[0] not in known:
         return (f"`phyai-cache {words[0]}` comes with the lab package (benchmarks and reference models), which "
                 "is not installed: pip install -e ./lab from a phyai-cache checkout (see README)")

@@ -64,3 +64,12 @@ def test_the_library_wheel_holds_no_weights_benchmark_or_fixtures(tmp_path):
     assert lab_like == []
     assert any(name.startswith("phyai_cache/configs/") and name.endswith(".yaml") for name in names)
     assert "phyai_cache/tuning/tune.py" in names  # phyai_cache.tune stays in the library
+
+
+def test_a_lab_command_without_the_lab_says_what_to_install(monkeypatch, capsys):
+    from phyai_cache import cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])  # as on a machine with the library alone
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "comes with the lab package" in capsys.readouterr().err
+    assert cli.main(["presets"]) == 0  # the library's own commands still work
