@@ -130,7 +130,7 @@ def test_strategy_model_matrix(strategy, family, monkeypatch):
             enable_dit_cache(tiny.pipe, **settings(strategy, family))
         assert info.value.field == field
     else:
-        executed = count_block_executions(monkeypatch, tiny.transformer, tiny.blocks)  # class level
+        executed = count_block_executions(monkeypatch, tiny.transformer)  # class level
         handle = enable_dit_cache(tiny.pipe, **settings(strategy, family))
         tiny.run(num_inference_steps=8, cfg=True)
         stats = handle.last_run

@@ -1,6 +1,6 @@
 """Native strategies on every tiny pipeline family: hits, exact block accounting, per-run lifecycle.
 
-Families include phyai's own Qwen-Image 2.1 (blocks declared with a BlockSpec; its KV cache changes
+Families include Qwen-Image 2.1 (blocks the library knows, not diffusers' registry; its KV cache changes
 the sequence between step 0 and step 1) and Cosmos3 (one sample per call)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import pytest
 import torch
 from counting import count_block_executions
 
+import phyai_cache.known_blocks as known_blocks
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
 from phyai_cache_lab.testing import PIPELINE_FAMILIES, build_tiny_pipeline
 
@@ -37,7 +38,7 @@ SKIP_CALL_REFUSED = {"cosmos3"}
 @pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_strategy_caches_and_counts_exactly(family, strategy, monkeypatch):
     tiny = build_tiny_pipeline(family)
-    executed = count_block_executions(monkeypatch, tiny.transformer, tiny.blocks)
+    executed = count_block_executions(monkeypatch, tiny.transformer)
     settings = dict(enabled=True, backend="native", **STRATEGIES[strategy])
     if family in SKIP_CALL_REFUSED and "+skip_call" in strategy:
         reference = tiny.run(num_inference_steps=3)
@@ -164,7 +165,10 @@ def test_qwenimage21_skip_call_computes_across_the_kv_mode_change(cfg):
     assert torch.equal(out, fresh.run(num_inference_steps=6, cfg=cfg))
 
 
-def test_qwenimage21_needs_its_block_spec_and_the_refusal_says_so():
+def test_a_model_neither_diffusers_nor_the_library_describes_is_refused_saying_so(monkeypatch):
+    """Qwen-Image 2.1's blocks are not in diffusers' registry: without the library's entry for it
+    (known_blocks) enabling is refused, naming the candidate lists."""
+    monkeypatch.delitem(known_blocks.KNOWN_MODELS, "diffusers.QwenImage21Transformer2DModel")
     tiny = build_tiny_pipeline("qwenimage21")
     with pytest.raises(DiTCacheConfigError) as info:
         enable_dit_cache(tiny.pipe, enabled=True, backend="native", strategy="fbcache")
