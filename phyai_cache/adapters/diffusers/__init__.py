@@ -12,6 +12,7 @@ Importing this module never imports diffusers: that happens in :meth:`DiffusersB
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from dataclasses import dataclass
@@ -32,19 +33,17 @@ logger = logging.getLogger("phyai_cache")
 
 @dataclass(frozen=True)
 class DiffusersCache:
-    """How one strategy maps onto a diffusers cache.
+    """How one strategy maps onto a diffusers cache: the row of :data:`DIFFUSERS_CACHES`.
 
     cache_class: diffusers' name for it (messages, the support table).
     config: ``module:Class`` of its config in ``diffusers.hooks``.
-    driver: ``module:Class`` of our :class:`Driver` for it in this package.
-    block_level: its hooks skip whole blocks (checked against diffusers' block metadata at enable);
-    otherwise they touch attention modules only and may run without counted block lists.
+    driver: ``module:Class`` of our :class:`Driver` for it in this package, which holds everything
+    else about the strategy (its options, what it refuses, what its hooks need of the model).
     """
 
     cache_class: str
     config: str
     driver: str
-    block_level: bool = False
 
     def config_class(self) -> type:
         module, name = self.config.split(":")
@@ -55,18 +54,19 @@ class DiffusersCache:
         return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-# The strategies this adapter implements; which strategies exist and which backends serve them is
-# declared in phyai_cache/strategies/ (a test checks the two agree).
+# The strategies this adapter implements, one row each; which strategies exist and which backends
+# serve them is declared in phyai_cache/strategies/ (a test checks the two agree). A test may add a
+# row for a strategy it registers (tests/test_extending.py).
 DIFFUSERS_CACHES: dict[str, DiffusersCache] = {
     "fbcache": DiffusersCache("FirstBlockCache", "first_block_cache:FirstBlockCacheConfig",
-                              "fbcache:FirstBlockCacheDriver", block_level=True),
+                              "fbcache:FirstBlockCacheDriver"),
     "pab": DiffusersCache("PyramidAttentionBroadcast", "pyramid_attention_broadcast:PyramidAttentionBroadcastConfig",
                           "attention:PyramidAttentionBroadcastDriver"),
     "fastercache": DiffusersCache("FasterCache", "faster_cache:FasterCacheConfig", "attention:FasterCacheDriver"),
     "taylorseer": DiffusersCache("TaylorSeerCache", "taylorseer_cache:TaylorSeerCacheConfig",
                                  "taylorseer:TaylorSeerDriver"),
-    "magcache": DiffusersCache("MagCache", "mag_cache:MagCacheConfig", "magcache:MagCacheDriver", block_level=True),
-    "seacache": DiffusersCache("SeaCache", "sea_cache:SeaCacheConfig", "seacache:SeaCacheDriver", block_level=True),
+    "magcache": DiffusersCache("MagCache", "mag_cache:MagCacheConfig", "magcache:MagCacheDriver"),
+    "seacache": DiffusersCache("SeaCache", "sea_cache:SeaCacheConfig", "seacache:SeaCacheDriver"),
     "textkv": DiffusersCache("TextKVCache", "text_kv_cache:TextKVCacheConfig", "textkv:TextKVCacheDriver"),
 }
 
@@ -116,25 +116,29 @@ class DiffusersBackend(Backend):
         refuse_sharded(target.parallel, "diffusers", "its cache hooks decide on each process's own tensors and "
                                                   "never reduce across ranks")
         from .model import check_block_cache, require_cache_mixin
-        from .options import check_unified_fields, validate_options
 
         cache = DIFFUSERS_CACHES[config.strategy]
+        driver_class = cache.driver_class()
         transformer = target.transformer
         require_cache_mixin(transformer)
-        check_unified_fields(config)
-        options = validate_options(config.strategy, cache.config_class(), config.options)
-        if cache.block_level:
-            check_block_cache(transformer, config.strategy)
-        driver = cache.driver_class()(config, options, type(transformer).__name__)
-        return DiffusersPlan(target, driver, _counted_blocks(transformer, blocks, cache))
+        driver_class.check_config(config)
+        config_class = cache.config_class()
+        rules = driver_class.option_rules.for_fields({f.name for f in dataclasses.fields(config_class)},
+                                                     source=f"diffusers {config_class.__name__}")
+        options = rules.validate(config.strategy, self.name, config.options)
+        if driver_class.block_hooks is not None:
+            check_block_cache(transformer, config.strategy, driver_class.block_hooks)
+        driver = driver_class(config, options, type(transformer).__name__)
+        return DiffusersPlan(target, driver, _counted_blocks(transformer, blocks, cache, driver_class))
 
 
-def _counted_blocks(transformer: Any, blocks: BlocksArg, cache: DiffusersCache) -> list[BlockList]:
+def _counted_blocks(transformer: Any, blocks: BlocksArg, cache: DiffusersCache,
+                    driver_class: type[Driver]) -> list[BlockList]:
     """The block lists whose executions the stats count (``blocks=`` only selects these here)."""
     try:
         return discover_blocks(transformer, blocks)
     except DiTCacheConfigError:
-        if blocks is not None or cache.block_level:
+        if blocks is not None or driver_class.block_hooks is not None:
             raise
         logger.warning("phyai_cache: %s has no block list diffusers describes; %s runs, but blocks_computed "
                        "is not counted (pass blocks=... to count)", type(transformer).__name__, cache.cache_class)
