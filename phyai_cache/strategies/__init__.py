@@ -75,6 +75,42 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """What the bench sweeps and ``tune`` searches for a strategy.
+
+    knob:
+        ``"threshold"`` or ``"interval"`` (``cache_interval``): the value the bench sweeps and ``tune``
+        bisects.
+    grid, quick:
+        The values the bench sweeps (``quick``: with ``--quick``, enough to exercise every backend in
+        CI). None: the bench's default grid for the knob (multiples of the strategy's default
+        threshold; a few intervals).
+    forecast, quick_forecast:
+        Values swept again with the TaylorSeer forecaster (``taylorseer_order=forecast_order``): it
+        lets a higher threshold keep its quality, and a higher order pays off over a longer interval.
+    native:
+        Settings swept on the native engine only, beside the grid (whole-call skipping, the verified
+        forecaster), so its forms are compared in the same table.
+    search:
+        The structural variants ``tune`` searches, each with its own knob search (fields the strategy
+        does not use are dropped).
+    """
+
+    knob: str
+    grid: tuple[float, ...] | None = None
+    quick: tuple[float, ...] | None = None
+    forecast: tuple[float, ...] = ()
+    quick_forecast: tuple[float, ...] = ()
+    forecast_order: int = 1
+    native: tuple[Mapping[str, Any], ...] = ()
+    search: tuple[Mapping[str, Any], ...] = ({},)
+
+    def __post_init__(self) -> None:
+        if self.knob not in ("threshold", "interval"):
+            raise ValueError(f"Sweep.knob must be 'threshold' or 'interval', got {self.knob!r}")
+
+
+@dataclass(frozen=True)
 class StrategySpec:
     """Everything phyai_cache knows about one strategy, in one place.
 
@@ -99,7 +135,8 @@ class StrategySpec:
         Settings under which a tiny random-weight model really hits the cache (random weights show
         little redundancy): the reliability matrix and backend tests run every strategy with them.
     sweep:
-        What the bench and ``tune`` vary for it: ``"threshold"`` or ``"interval"`` (or None).
+        What the bench sweeps and ``tune`` searches for it (:class:`Sweep`; a knob name alone,
+        ``"threshold"`` or ``"interval"``, sweeps the default grid), or None.
     calibration:
         What ``phyai_cache.calibrate`` measures for it (:class:`Calibration`), if anything.
     """
@@ -114,7 +151,7 @@ class StrategySpec:
     not_served: Mapping[str, str] = field(default_factory=dict)
     native: NativeMethod | None = None
     hit_settings: Mapping[str, Any] = field(default_factory=dict)
-    sweep: str | None = None
+    sweep: Sweep | None = None
     calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
@@ -130,8 +167,13 @@ class StrategySpec:
             raise ValueError(f"strategy {self.name!r}: backends must be a non-empty subset of {BACKENDS[1:]}")
         if ("native" in self.backends) != (self.native is not None):
             raise ValueError(f"strategy {self.name!r}: a NativeMethod is given exactly when 'native' serves it")
-        if self.sweep not in (None, "threshold", "interval"):
-            raise ValueError(f"strategy {self.name!r}: sweep must be 'threshold', 'interval' or None")
+        if isinstance(self.sweep, str):
+            object.__setattr__(self, "sweep", Sweep(self.sweep))
+        sweep = self.sweep
+        if sweep is not None and not isinstance(sweep, Sweep):
+            raise ValueError(f"strategy {self.name!r}: sweep must be a Sweep, 'threshold', 'interval' or None")
+        if sweep is not None and (sweep.forecast or sweep.quick_forecast) and "taylorseer_order" not in self.fields:
+            raise ValueError(f"strategy {self.name!r}: a forecast sweep needs the field taylorseer_order")
 
     def why_not(self, backend: str) -> str:
         """Why ``backend`` does not serve this strategy."""
@@ -183,5 +225,5 @@ def _load_builtin() -> tuple[str, ...]:
 
 _BUILTIN = _load_builtin()
 
-__all__ = ["BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "all_strategies", "get_strategy", "register_strategy",
+__all__ = ["BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "Sweep", "all_strategies", "get_strategy", "register_strategy",
            "strategy_names", "unregister_strategy"]
