@@ -4,8 +4,10 @@ Each module in this package declares one :class:`StrategySpec` as ``SPEC`` (peft
 is the model): the unified config fields the strategy uses and their defaults, the values that define
 it, which backends serve it (best first: ``backend="auto"`` tries them in this order) and why the
 others do not, and, when the native engine serves it, how (:class:`NativeMethod`). The config
-schema, the registry, ``list_backends()``, the CLI, the bench sweep and the reliability matrix all
-read these declarations; nothing else lists strategy names.
+schema, the registry, ``list_backends()``, the CLI, the bench sweep (a strategy's grid is its
+:class:`Sweep`), ``tune`` and the reliability matrix all read these declarations; nothing else
+lists strategy names. The backend names a declaration may list are the built-in ones
+(:data:`BUILTIN_BACKENDS`) and those registered with ``phyai_cache.registry.register_backend``.
 
 Adding a strategy the native engine can run is one new module here (docs/extending.md).
 :func:`register_strategy` adds one at run time (tests and plug-ins).
@@ -19,8 +21,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Every backend phyai_cache knows, "auto" first (the schema's allowed values for ``backend``).
-BACKENDS: tuple[str, ...] = ("auto", "native", "diffusers", "cache_dit")
+# The backends phyai_cache ships, in the order ``list_backends()`` reports them: name -> the
+# ``module:Class`` of its Backend in ``phyai_cache.adapters`` (the registry imports them at start-up).
+BUILTIN_BACKENDS: dict[str, str] = {
+    "native": "native:NativeBackend",
+    "diffusers": "diffusers:DiffusersBackend",
+    "cache_dit": "cache_dit:CacheDiTBackend",
+}
+# The built-in backend names, "auto" first; backend_names() adds those registered at run time.
+BACKENDS: tuple[str, ...] = ("auto", *BUILTIN_BACKENDS)
+_REGISTERED_BACKENDS: list[str] = []  # by phyai_cache.registry.register_backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend a config may name and a declaration may list, "auto" first."""
+    return (*BACKENDS, *_REGISTERED_BACKENDS)
+
+
+def add_backend_name(name: str) -> None:
+    """Accept ``name`` as a backend (called by ``registry.register_backend``)."""
+    if name not in backend_names():
+        _REGISTERED_BACKENDS.append(name)
+
+
+def remove_backend_name(name: str) -> None:
+    """Forget a backend name added at run time (called by ``registry.unregister_backend``)."""
+    users = [spec.name for spec in _SPECS.values() if name in spec.backends]
+    if users:
+        raise ValueError(f"backend {name!r} still serves strategies {users}: unregister them first")
+    if name in _REGISTERED_BACKENDS:
+        _REGISTERED_BACKENDS.remove(name)
 
 # The step-schedule fields (docs/config-reference.md, "Step rules").
 STEP_SCHEDULE = ("warmup_steps", "active_steps", "max_cached_steps", "max_consecutive_cached", "compute_mask")
@@ -162,9 +192,11 @@ class StrategySpec:
         unused = [f for f in (*self.defaults, *self.fixed) if f not in self.fields]
         if unused:
             raise ValueError(f"strategy {self.name!r}: defaults/fixed values for fields it does not use: {unused}")
-        bad = [b for b in (*self.backends, *self.not_served) if b not in BACKENDS[1:]]
+        known = backend_names()[1:]
+        bad = [b for b in (*self.backends, *self.not_served) if b not in known]
         if bad or not self.backends:
-            raise ValueError(f"strategy {self.name!r}: backends must be a non-empty subset of {BACKENDS[1:]}")
+            raise ValueError(f"strategy {self.name!r}: backends must be a non-empty subset of {known} "
+                             "(registry.register_backend adds one)")
         if ("native" in self.backends) != (self.native is not None):
             raise ValueError(f"strategy {self.name!r}: a NativeMethod is given exactly when 'native' serves it")
         if isinstance(self.sweep, str):
@@ -225,5 +257,6 @@ def _load_builtin() -> tuple[str, ...]:
 
 _BUILTIN = _load_builtin()
 
-__all__ = ["BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "Sweep", "all_strategies", "get_strategy", "register_strategy",
+__all__ = ["BACKENDS", "BUILTIN_BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "Sweep", "add_backend_name",
+           "all_strategies", "backend_names", "get_strategy", "register_strategy", "remove_backend_name",
            "strategy_names", "unregister_strategy"]

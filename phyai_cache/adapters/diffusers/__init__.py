@@ -37,26 +37,29 @@ class DiffusersCache:
 
     cache_class: diffusers' name for it (messages, the support table).
     config: ``module:Class`` of its config in ``diffusers.hooks``.
-    driver: ``module:Class`` of our :class:`Driver` for it in this package, which holds everything
-    else about the strategy (its options, what it refuses, what its hooks need of the model).
+    driver: our :class:`Driver` for it, which holds everything else about the strategy (its options,
+    what it refuses, what its hooks need of the model): ``module:Class`` in this package (imported
+    when used), or the class itself (a strategy registered from outside the package).
     """
 
     cache_class: str
     config: str
-    driver: str
+    driver: str | type[Driver]
 
     def config_class(self) -> type:
         module, name = self.config.split(":")
         return getattr(importlib.import_module(f"diffusers.hooks.{module}"), name)
 
     def driver_class(self) -> type[Driver]:
+        if not isinstance(self.driver, str):
+            return self.driver
         module, name = self.driver.split(":")
         return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
 # The strategies this adapter implements, one row each; which strategies exist and which backends
-# serve them is declared in phyai_cache/strategies/ (a test checks the two agree). A test may add a
-# row for a strategy it registers (tests/test_extending.py).
+# serve them is declared in phyai_cache/strategies/ (a test checks the two agree). A strategy
+# registered at run time adds its row here (tests/test_extending.py does).
 DIFFUSERS_CACHES: dict[str, DiffusersCache] = {
     "fbcache": DiffusersCache("FirstBlockCache", "first_block_cache:FirstBlockCacheConfig",
                               "fbcache:FirstBlockCacheDriver"),
@@ -102,7 +105,9 @@ class DiffusersBackend(Backend):
             return unsupported(spec.name, "declared as served by diffusers, but this adapter has no driver for it")
         if version is None:
             return unsupported(spec.name, "diffusers is not installed (pip install 'phyai-cache[diffusers]')")
-        minimum = MIN_VERSIONS["diffusers"][spec.name]
+        minimum = MIN_VERSIONS["diffusers"].get(spec.name)
+        if minimum is None:
+            return unsupported(spec.name, "versions.MIN_VERSIONS names no diffusers release that has it")
         if not feature_available("diffusers", spec.name, version):
             return unsupported(spec.name, f"diffusers {version} has no {cache.cache_class}", minimum)
         return StrategySupport(spec.name, True, min_version=minimum)
