@@ -94,7 +94,7 @@ DIFFUSERS_SPEC = StrategySpec(
     fields=("threshold",),
     defaults={"threshold": 0.1},
     backends=("diffusers",),
-    not_served={"native": "declared by a test for diffusers only", "cache_dit": "declared by a test for diffusers only"},
+    not_served={backend: "declared by a test for diffusers only" for backend in ("native", "cache_dit")},
     hit_settings={"threshold": 10.0},
     sweep="threshold",
 )

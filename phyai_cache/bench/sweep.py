@@ -3,8 +3,8 @@
 Nothing here names a backend: the sweep iterates :func:`phyai_cache.registry.list_backends`, so a
 backend or strategy registered later is benchmarked without code changes. What is swept is what a
 strategy's declaration says (``StrategySpec.sweep``: thresholds or intervals, with and without the
-forecaster, native-only forms), the strategy defaults when it says nothing. Unavailable backends and strategies are listed
-with the registry's reason instead of being run.
+forecaster, native-only forms), the strategy defaults when it says nothing. Unavailable backends and
+strategies are listed with the registry's reason instead of being run.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ def remove_backend_name(name: str) -> None:
     if name in _REGISTERED_BACKENDS:
         _REGISTERED_BACKENDS.remove(name)
 
+
 # The step-schedule fields (docs/config-reference.md, "Step rules").
 STEP_SCHEDULE = ("warmup_steps", "active_steps", "max_cached_steps", "max_consecutive_cached", "compute_mask")
 
