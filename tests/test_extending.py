@@ -258,3 +258,16 @@ def test_backend_registration_is_checked():
         registry.unregister_backend(registered.name)
     with pytest.raises(ValueError, match="register_backend adds one"):
         StrategySpec(name="x", summary="", fields=(), backends=("throwaway",))
+
+
+def test_every_package_of_the_library_is_shipped():
+    """A backend shipped as a package (adapters/<backend>/) must be in pyproject's package list, or a
+    wheel would leave it out and the registry would skip it as 'not shipped in this build'."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    library = root / "phyai_cache"
+    found = {".".join(init.parent.relative_to(root).parts) for init in library.rglob("__init__.py")
+             if "__pycache__" not in init.parts}
+    assert found - listed == set()
