@@ -4,7 +4,7 @@
                                               [--json out.json]
 
 Workload: a tiny Flux pipeline under diffusers' own Ulysses context parallelism on ``--ranks`` CPU
-processes joined by gloo (:func:`phyai_cache.testing.distributed.ulysses_flux`), same weights and
+processes joined by gloo (:func:`phyai_cache_lab.testing.distributed.ulysses_flux`), same weights and
 seeds on every rank. Three pipelines per rank, identical weights:
 
 * ``uncached``: no cache at all;
@@ -63,7 +63,7 @@ def worker(rank, world_size, steps, rounds, resolution):
     import torch.distributed as dist
 
     from phyai_cache import enable_dit_cache
-    from phyai_cache.testing.distributed import ulysses_flux
+    from phyai_cache_lab.testing.distributed import ulysses_flux
 
     pipes = {name: ulysses_flux(world_size) for name in ("uncached", "reduced", "local")}
     handles = {name: enable_dit_cache(pipes[name].pipe, **CONFIG) for name in ("reduced", "local")}
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    from phyai_cache.testing.distributed import run_ranks
+    from phyai_cache_lab.testing.distributed import run_ranks
 
     results = run_ranks(worker, args.ranks, args.steps, args.rounds, args.resolution, deadline_s=3600)
     first = results[0]

@@ -9,13 +9,13 @@ Sections, each recorded on its own (an error in one is written into the report a
   pipeline call captured whole, must both raise GraphCaptureError; the same cached transformer
   called outside a run (uncached) must capture and replay like eager.
 * ``phyai_graphs``: a runner shaped like phyai's Qwen-Image 2.1 runner (one CUDA graph per CFG branch of
-  the whole transformer, captured at step 1, replayed after; phyai_cache.testing.qwen_image_21) with a
+  the whole transformer, captured at step 1, replayed after; phyai_cache_lab.testing.qwen_image_21) with a
   whole-call config attached: computed steps replay, cached steps forecast, decisions and outputs
   equal the eager runner's, a forecast never aliases the graph's static output, and a block-level
   config is refused at attach.
 * ``host_syncs``: host syncs per transformer call for each native strategy, counted by the aten ops
-  torch runs (phyai_cache.testing.syncs) and by ``torch.cuda.set_sync_debug_mode("warn")``.
-* ``reference_eager``: the trained reference model (``phyai_cache.reference``), uncached against every
+  torch runs (phyai_cache_lab.testing.syncs) and by ``torch.cuda.set_sync_debug_mode("warn")``.
+* ``reference_eager``: the trained reference model (``phyai_cache_lab.reference``), uncached against every
   native preset: median of interleaved pairwise latency ratios, PSNR against the uncached images.
 * ``memory``: ``RunStats.peak_memory_bytes`` on the large model, on both CUDA paths: exact
   (``cuda_max_allocated``, the run raised the device peak) and sampled (``cuda_allocated_sampled``, a
@@ -61,10 +61,10 @@ sys.path.insert(0, str(REPO))  # validate this checkout's phyai_cache, not which
 
 import phyai_cache  # noqa: E402
 from phyai_cache import GraphCaptureError, enable_dit_cache, list_presets  # noqa: E402
-from phyai_cache.bench.measure import interleaved_pairs  # noqa: E402
+from phyai_cache.tuning.measure import interleaved_pairs  # noqa: E402
 from phyai_cache.config import preset_path  # noqa: E402
-from phyai_cache.bench import psnr  # noqa: E402
-from phyai_cache.testing.syncs import HostSyncCounter  # noqa: E402
+from phyai_cache.tuning import psnr  # noqa: E402
+from phyai_cache_lab.testing.syncs import HostSyncCounter  # noqa: E402
 
 STRATEGIES = ("fbcache", "dbcache", "taylorseer")
 BALANCED = tuple(f"{strategy}-balanced" for strategy in STRATEGIES)
@@ -191,14 +191,14 @@ def preset_target_psnr(name: str) -> float | None:
 
 
 def load_reference(ctx: Context) -> Any:
-    from phyai_cache.reference import load_pipeline
+    from phyai_cache_lab.reference import load_pipeline
 
     return load_pipeline(dtype=ctx.reference_dtype, device=ctx.device)
 
 
 def reference_kwargs(ctx: Context) -> dict[str, Any]:
     """One generation's pipeline arguments: ``batch`` digits, the held-out seed, a fresh generator."""
-    from phyai_cache.reference import call_kwargs
+    from phyai_cache_lab.reference import call_kwargs
 
     labels = [index % 10 for index in range(ctx.sizes.batch)]
     return call_kwargs(labels, num_inference_steps=ctx.sizes.steps, seed=ctx.args.seed,
@@ -207,7 +207,7 @@ def reference_kwargs(ctx: Context) -> dict[str, Any]:
 
 def reference_runner(ctx: Context, pipe: Any) -> Callable[[], torch.Tensor]:
     """One generation of the reference pipeline: images in [0, 1]."""
-    from phyai_cache.reference import latents_to_images
+    from phyai_cache_lab.reference import latents_to_images
 
     @torch.no_grad()
     def run() -> torch.Tensor:
@@ -383,7 +383,7 @@ def capturing(ctx: Context) -> Iterator[None]:
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             yield
         return
-    from phyai_cache.testing.qwen_image_21 import simulated_capture
+    from phyai_cache_lab.testing.qwen_image_21 import simulated_capture
 
     with simulated_capture():
         yield
@@ -480,7 +480,7 @@ PHYAI_GRAPH_CONFIG = dict(enabled=True, strategy="taylorseer", options={"skip_ca
 def phyai_graphs(ctx: Context) -> dict[str, Any]:
     """Replay-or-skip on a phyai-shaped graph runner (real graphs on a GPU; recorded ones in a dry run)."""
     from phyai_cache.integrations.phyai import attach
-    from phyai_cache.testing import qwen_image_21 as qwen
+    from phyai_cache_lab.testing import qwen_image_21 as qwen
 
     graph_class = qwen.TorchCudaGraph if ctx.cuda else qwen.RecordingCudaGraph
     steps = 8  # a tiny model: the same size on every machine

@@ -28,7 +28,7 @@ import time
 import torch
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.reference import call_kwargs, load_pipeline
+from phyai_cache_lab.reference import call_kwargs, load_pipeline
 
 THRESHOLD = 0.2
 WARMUP = 2

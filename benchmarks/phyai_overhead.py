@@ -44,7 +44,7 @@ def _timed(scheduler, request):
 
 def measure(name: str, config: dict, args) -> dict:
     from phyai_cache.integrations.phyai import attach
-    from phyai_cache.testing.phyai import build_tiny_cosmos3, cosmos3_request, cosmos3_scheduler
+    from phyai_cache_lab.testing.phyai import build_tiny_cosmos3, cosmos3_request, cosmos3_scheduler
 
     shape = (args.frames, args.size, args.size)
     plain_model = build_tiny_cosmos3(layers=args.layers, hidden=args.hidden, video_shape=shape)
@@ -72,7 +72,7 @@ def measure(name: str, config: dict, args) -> dict:
 
 def stream_errors(args) -> list[dict]:
     from phyai_cache.integrations.phyai import attach
-    from phyai_cache.testing.phyai import build_tiny_cosmos3, cosmos3_action_request, cosmos3_policy_scheduler
+    from phyai_cache_lab.testing.phyai import build_tiny_cosmos3, cosmos3_action_request, cosmos3_policy_scheduler
 
     tiny = build_tiny_cosmos3(action=True, scale=0.3)
     scheduler = cosmos3_policy_scheduler(tiny)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from phyai_cache.testing.phyai import missing_reason, phyai_source
+    from phyai_cache_lab.testing.phyai import missing_reason, phyai_source
 
     if phyai_source() is None:
         print(missing_reason(), file=sys.stderr)

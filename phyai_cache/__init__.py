@@ -14,6 +14,7 @@ from .errors import (BackendUnavailableError, CacheStateError, DistributedCacheE
 from .registry import list_backends
 from .requests import Request, Row
 from .stats import BatchStats, RunStats, StepRecord
+from .tuning import tune
 
 __all__ = [
     "__version__",
@@ -44,12 +45,3 @@ __all__ = [
     "tune",
 ]
 
-
-def __getattr__(name: str):
-    # tune() lives with the benchmark, which needs diffusers; importing it lazily keeps
-    # `import phyai_cache` free of diffusers for deployments that only use the native engine.
-    if name == "tune":
-        from .bench import tune
-
-        return tune
-    raise AttributeError(f"module 'phyai_cache' has no attribute {name!r}")

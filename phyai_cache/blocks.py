@@ -63,7 +63,7 @@ class BlockSpec:
 # Block arguments whose meaning is the same in every DiT family diffusers ships: one entry per batch
 # row (timestep embeddings and modulations, text streams and their masks, class labels) or one table
 # for the whole batch (rotary embeddings). The names were read from the blocks of every family of the
-# support matrix (phyai_cache.testing.families); docs/serving.md lists the few families whose blocks
+# support matrix (phyai_cache_lab.testing.families); docs/serving.md lists the few families whose blocks
 # take arguments with names too generic to list here (``y``, ``t``, ``mask``, ``context``).
 ROW_ARGUMENTS = (
     "temb", "timestep", "attention_mask", "encoder_attention_mask", "modulation", "emb",

@@ -7,17 +7,25 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 import yaml
 
-from .cli_options import add_threads_option, apply_threads
 from .config import DiTCacheConfig, list_presets, load_config, preset_path
 from .errors import PhyaiCacheError
 
 
+COMMANDS_ENTRY_POINT = "phyai_cache.commands"
+LAB_COMMANDS = ("bench", "tune", "calibrate", "demo", "support", "serve", "bench-serving")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser, commands = _parser()
+    hint = _lab_hint(sys.argv[1:] if argv is None else list(argv), set(commands.choices))
+    if hint is not None:
+        print(f"error: {hint}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -27,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The parser, and its subcommands (``.choices``: name -> parser)."""
     parser = argparse.ArgumentParser(prog="phyai-cache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -48,43 +57,26 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("source", help="YAML path or preset name")
     validate.set_defaults(func=cmd_validate)
 
-    demo = commands.add_parser("demo", help="cached vs uncached on an embedded model")
-    demo.add_argument("config", nargs="?", default="fbcache-balanced", help="preset name or YAML path")
-    demo.add_argument("--model", choices=("auto", "reference", "tiny"), default="auto",
-                      help="reference: the shipped trained digits DiT; tiny: a random-weight FluxPipeline")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--repeats", type=int, default=3, help="timed pairs (median ratio is reported)")
-    demo.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    demo.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    add_threads_option(demo)
-    demo.set_defaults(func=cmd_demo)
-
-    support = commands.add_parser("support", help="measure the DiT family x backend x strategy support table")
-    support.add_argument("--write", metavar="PATH", help="write the Markdown table there (docs/support.md)")
-    support.add_argument("--check", metavar="PATH", help="exit 1 if the file there differs from a fresh table")
-    support.set_defaults(func=cmd_support)
     _add_extension_commands(commands)
-    return parser
+    return parser, commands
 
 
 def _add_extension_commands(commands: Any) -> None:
-    """Subcommands that live with their feature (e.g. ``bench``/``tune`` in phyai_cache.bench)."""
-    import importlib
+    """Subcommands other installed packages register under the ``phyai_cache.commands`` entry point.
 
-    for module_name in ("phyai_cache.bench.cli", "phyai_cache.serving.cli"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and module_name.startswith(error.name):
-                continue  # feature not present in this build
-            raise
-        module.add_commands(commands)
+    The lab (``phyai-cache-lab``: bench, tune, calibrate, demo, support, serve, bench-serving) is one;
+    the library never imports it.
+    """
+    for entry in entry_points(group=COMMANDS_ENTRY_POINT):
+        entry.load()(commands)
 
 
-def cmd_support(args: argparse.Namespace) -> int:
-    from .testing.support_table import run
-
-    return run(args)
+def _lab_hint(words: list[str], known: set[str]) -> str | None:
+    """What to install when a lab command is asked for and the lab is not installed."""
+    if words and words[0] in LAB_COMMANDS and words[0] not in known:
+        return (f"`phyai-cache {words[0]}` comes with the lab package (benchmarks and reference models), which "
+                "is not installed: pip install -e ./lab from a phyai-cache checkout (see README)")
+    return None
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -117,7 +109,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    config = load_config(args.source, **_overrides(args.set))
+    config = load_config(args.source, **parse_overrides(args.set))
     print(config.to_yaml(), end="")
     return 0
 
@@ -129,48 +121,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .bench.cli import ProgressBar
-    from .bench.demo import demo_workload, run_demo
-
-    apply_threads(args)
-    config = load_config(args.config, **_overrides(args.set))
-    if not config.enabled:
-        config = config.replace(enabled=True)
-    workload = demo_workload(args.model, args.steps)
-    print(f"workload: {workload.name}")
-    print(f"config:   {args.config} -> " + json.dumps(_compact(config)))
-    result = run_demo(workload, config, repeats=args.repeats, progress=ProgressBar())
-    _print_result(result)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result.to_dict(), handle, indent=2, default=str)
-    return 0
-
-
-def _print_result(result: Any) -> None:
-    stats, quality = result.stats, result.quality
-    rows = [
-        ("backend / strategy", f"{result.backend} / {result.config.strategy}"),
-        ("steps cached", f"{stats.steps_cached} / {stats.steps_total}"),
-        ("blocks computed", f"{stats.blocks_computed} / {stats.blocks_total} "
-                            f"(ideal speedup {1 / max(stats.compute_fraction, 1e-9):.2f}x)"),
-        ("latency uncached", f"{result.plain_latency_s * 1e3:.1f} ms (median)"),
-        ("latency cached", f"{result.cached_latency_s * 1e3:.1f} ms (median)"),
-        ("speedup", f"{result.speedup:.2f}x (median of {len(result.ratios)} interleaved pairs)"),
-        ("peak memory", f"{stats.peak_memory_bytes / 2**20:.1f} MiB ({stats.memory_kind}); "
-                        f"cache holds {stats.cache_bytes / 2**10:.1f} KiB"),
-        ("PSNR vs uncached", f"{quality['psnr_db']:.2f} dB"),
-        ("max abs / rel L1", f"{quality['max_abs']:.4f} / {quality['rel_l1']:.4f}"),
-    ]
-    print()
-    for label, value in rows:
-        print(f"  {label:20s} {value}")
-    steps = " ".join("C" if r.decision == "cached" else "." for r in stats.records)
-    print(f"  {'per step':20s} {steps}   (C = cached, . = computed)")
-
-
-def _overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -178,10 +129,6 @@ def _overrides(items: list[str]) -> dict[str, Any]:
             raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
         overrides[name.strip()] = yaml.safe_load(value)
     return overrides
-
-
-def _compact(config: DiTCacheConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if v not in (None, {}, "auto")}
 
 
 if __name__ == "__main__":

@@ -47,11 +47,13 @@ class DiTCacheConfig:
         ``"auto"`` (best installed backend for the strategy, falling back to native),
         ``"native"``, ``"diffusers"`` or ``"cache_dit"``.
     strategy:
-        A strategy declared in ``phyai_cache/strategies/``: ``"fbcache"``, ``"dbcache"``,
-        ``"taylorseer"``, ``"pab"``, ``"fastercache"``, ``"magcache"``.
+        A strategy declared in ``phyai_cache/strategies/`` (one module each; ``phyai-cache backends``
+        lists them with the backends serving each).
     threshold:
-        Relative-L1 change of the decision residual below which a step reuses the cache. Higher is
-        faster and less faithful.
+        A step reuses the cache while the strategy's own statistic stays below it: 0 never caches,
+        higher is faster and less faithful. The statistic is the strategy's (docs/config-reference.md):
+        the front blocks' relative L1 residual change for fbcache/dbcache, an accumulated error or
+        change over the streak for magcache, easycache, teacache and seacache.
     front_blocks, back_blocks:
         Fn blocks always computed at the front (their residual drives the decision) and Bn blocks
         always computed at the back. fbcache is Fn=1, Bn=0.

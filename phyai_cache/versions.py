@@ -26,7 +26,7 @@ MIN_VERSIONS: dict[str, dict[str, str]] = {
         "fbcache": "0.35.0",
         "taylorseer": "0.36.0",
         "magcache": "0.37.0",
-        # From the release notes and wheels in /work/shared/reference/upstream-diffusers-hooks.md:
+        # From diffusers' release notes and wheels:
         # SeaCache and cache_context(name, step_index=..., sigma=...) arrived together in 0.41.0.
         "seacache": "0.41.0",
         "textkv": "0.38.0",

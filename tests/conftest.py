@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from phyai_cache import disable_dit_cache, get_cache_handle
-from phyai_cache.testing import build_tiny_pipeline
-from phyai_cache.testing.toy import build_toy_dit
+from phyai_cache_lab.testing import build_tiny_pipeline
+from phyai_cache_lab.testing.toy import build_toy_dit
 
 torch.set_num_threads(1)  # small models: threads only add noise on shared cores
 

@@ -12,7 +12,7 @@ import yaml
 
 import phyai_cache
 from phyai_cache import DiTCacheConfigError, enable_dit_cache, load_config
-from phyai_cache.reference import call_kwargs, load_pipeline
+from phyai_cache_lab.reference import call_kwargs, load_pipeline
 
 LABELS = [1, 4, 8]
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from phyai_cache import CacheStateError, enable_dit_cache
 from phyai_cache.calls import CallSignature
-from phyai_cache.testing import build_tiny_pipeline
-from phyai_cache.testing.toy import ToyDiT, build_toy_dit
+from phyai_cache_lab.testing import build_tiny_pipeline
+from phyai_cache_lab.testing.toy import ToyDiT, build_toy_dit
 
 HIT = dict(enabled=True, strategy="fbcache", threshold=0.5, warmup_steps=1)
 STEPS = 8

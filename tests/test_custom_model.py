@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from phyai_cache import BlockSpec, CacheStateError, enable_dit_cache
-from phyai_cache.testing.toy import build_toy_dit, denoise
+from phyai_cache_lab.testing.toy import build_toy_dit, denoise
 
 HIT = {"enabled": True, "threshold": 0.5, "warmup_steps": 2}
 

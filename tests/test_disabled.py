@@ -10,7 +10,7 @@ import torch
 from snapshots import target_fingerprint
 
 from phyai_cache import DiTCacheConfig, disable_dit_cache, enable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
 
 
 def _run(tiny, **kwargs):
@@ -21,7 +21,7 @@ def test_import_changes_nothing():
     """A fresh interpreter: the pipeline's output is the same with or without the import."""
     script = (
         "import torch, sys\n"
-        "from phyai_cache.testing.tiny import build_tiny_pipeline\n"
+        "from phyai_cache_lab.testing.tiny import build_tiny_pipeline\n"
         "t = build_tiny_pipeline('flux')\n"
         "before = t.run(num_inference_steps=3)\n"
         "mods = set(sys.modules)\n"

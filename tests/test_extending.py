@@ -24,7 +24,7 @@ from phyai_cache.adapters.base import Backend, Installation, Plan, StrategySuppo
 from phyai_cache.adapters.diffusers import DIFFUSERS_CACHES, DiffusersCache
 from phyai_cache.adapters.diffusers.driver import Driver
 from phyai_cache.adapters.diffusers.model import BlockHooks
-from phyai_cache.bench.sweep import plan_sweep
+from phyai_cache_lab.bench.sweep import plan_sweep
 from phyai_cache.decision import StepRules
 from phyai_cache.runtime import RunStates
 from phyai_cache.strategies import StrategySpec, backend_names, register_strategy, unregister_strategy

@@ -2,7 +2,7 @@
 
 CUDA stream capture cannot exist on a CPU-only machine, so the guard is tested with the capture
 query patched (:class:`FakeCapture`); the real capture is exercised by benchmarks/gpu_validate.py on
-a GPU. Host syncs are counted by the aten ops torch executes (phyai_cache.testing.syncs), not by
+a GPU. Host syncs are counted by the aten ops torch executes (phyai_cache_lab.testing.syncs), not by
 the names of our functions, so the counts survive refactors of the decision code.
 """
 
@@ -19,8 +19,8 @@ from counting import count_block_executions  # noqa: E402
 
 from phyai_cache import GraphCaptureError, PhyaiCacheError, enable_dit_cache  # noqa: E402
 from phyai_cache.graphs import cached_tensors  # noqa: E402
-from phyai_cache.testing.syncs import HostSyncCounter  # noqa: E402
-from phyai_cache.testing.toy import build_toy_dit, denoise  # noqa: E402
+from phyai_cache_lab.testing.syncs import HostSyncCounter  # noqa: E402
+from phyai_cache_lab.testing.toy import build_toy_dit, denoise  # noqa: E402
 
 GUARDED = [combo for combo in served_combinations() if combo[1] == "fbcache"]  # one strategy per backend
 MEASURED = {

@@ -11,7 +11,7 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 import phyai_cache.known_blocks as known_blocks
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
 from phyai_cache.blocks import discover_blocks
-from phyai_cache.testing.families import FAILED, FAMILIES, denoise, family, run_family
+from phyai_cache_lab.testing.families import FAILED, FAMILIES, denoise, family, run_family
 
 CORRECTED_FAMILIES = {
     "diffusers.models.transformers.transformer_bria.BriaTransformerBlock": ("bria", "transformer_blocks"),
@@ -60,7 +60,7 @@ def test_models_with_code_between_blocks_are_refused_and_would_be_wrong_otherwis
     lists, _ = known_blocks.CODE_BETWEEN_BLOCKS[model_class]
     transformer = fam.build()
     with pytest.raises(DiTCacheConfigError, match="run one after the other with nothing in between") as info:
-        enable_dit_cache(transformer, blocks=fam.blocks, enabled=True, backend="native", strategy="fbcache")
+        enable_dit_cache(transformer, enabled=True, backend="native", strategy="fbcache")
     assert info.value.field == "blocks" and all(path in str(info.value) for path in lists)
 
     monkeypatch.delitem(known_blocks.CODE_BETWEEN_BLOCKS, model_class)
@@ -84,3 +84,34 @@ def test_explicit_block_specs_are_checked_too():
     with pytest.raises(DiTCacheConfigError, match="interleaved"):
         enable_dit_cache(transformer, blocks="temporal_transformer_blocks", enabled=True, strategy="fbcache")
     assert not any("forward" in m.__dict__ for m in transformer.modules())
+
+
+DIFFUSERS_KNOWN = sorted(key for key in known_blocks.KNOWN_MODELS if key.startswith("diffusers."))
+
+
+def test_every_known_diffusers_model_is_a_family_of_the_support_matrix():
+    """An entry the matrix does not run would be unverified knowledge."""
+    assert set(DIFFUSERS_KNOWN) <= {f"diffusers.{fam.model_class}" for fam in FAMILIES}
+
+
+@pytest.mark.parametrize("key", DIFFUSERS_KNOWN)
+def test_the_library_finds_the_known_blocks_itself_and_could_not_without_the_entry(key, monkeypatch):
+    """``blocks=None`` resolves to the entry's lists; without the entry, diffusers' registry alone
+    finds none, or not these (so no entry is dead weight). That the lists are *right* is the support
+    matrix's job: it enables every family with ``blocks=None`` and checks what a cached step computes."""
+    fam = next(f for f in FAMILIES if f"diffusers.{f.model_class}" == key)
+    transformer = fam.build()
+    expected = [fields["path"] for fields in known_blocks.KNOWN_MODELS[key].blocks]
+    if type(transformer).__name__ not in known_blocks.CODE_BETWEEN_BLOCKS:
+        assert [bl.path for bl in discover_blocks(transformer)] == expected
+
+    def described(lists):  # what the cache reads and writes per list (BlockIO compares by identity)
+        return [(bl.path, vars(bl.io[0])) for bl in lists]
+
+    monkeypatch.delitem(known_blocks.KNOWN_MODELS, key)
+    try:
+        without = described(discover_blocks(transformer))
+    except DiTCacheConfigError:
+        return
+    monkeypatch.undo()
+    assert without != described(discover_blocks(transformer))

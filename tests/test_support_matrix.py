@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import phyai_cache.testing.families as families
+import phyai_cache_lab.testing.families as families
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
-from phyai_cache.testing.families import FAILED, REFUSED, SERVED, family, run_family, run_matrix
-from phyai_cache.testing.support_table import installed_versions, render
+from phyai_cache_lab.testing.families import FAILED, REFUSED, SERVED, family, run_family, run_matrix
+from phyai_cache_lab.testing.support_table import installed_versions, render
 
 SUPPORT_MD = Path(__file__).resolve().parents[1] / "docs" / "support.md"
 

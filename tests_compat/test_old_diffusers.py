@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from phyai_cache import BackendUnavailableError, DiTCacheConfigError, disable_dit_cache, enable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
 from phyai_cache.versions import MIN_VERSIONS, backend_version
 
 INSTALLED = backend_version("diffusers")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from phyai_cache.cli_options import add_threads_option
+from phyai_cache_lab.cli_options import add_threads_option
 
 BatchLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Generator], torch.Tensor]  # (model, indices, gen)
 

@@ -34,9 +34,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from flow_training import fit, save_outputs, training_parser, training_record
 
-from phyai_cache.cli_options import apply_threads
-from phyai_cache.reference import assets
-from phyai_cache.reference.imaging import (
+from phyai_cache_lab.cli_options import apply_threads
+from phyai_cache_lab.reference import assets
+from phyai_cache_lab.reference.imaging import (
     downsample_images,
     images_to_model_space,
     latent_image_ids,

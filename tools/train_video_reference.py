@@ -8,7 +8,7 @@ CPU-minutes on clips made from sklearn's digits behaves like a real rectified-fl
 enough to ship next to the image model.
 
 Clips: 8 frames of 16x16; a digit (bilinear 8 -> 16, as for the image model) moves one pixel per
-frame to the right or to the left and wraps around the side edges (see ``phyai_cache.reference.video``).
+frame to the right or to the left and wraps around the side edges (see ``phyai_cache_lab.reference.video``).
 Conditioning: 2 digit tokens + 2 motion tokens of fixed random 32-d embeddings (``prompt_embeds``).
 
 Outputs (in ``--out``; the shipped folder by default):
@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flow_training import fit, save_outputs, training_parser, training_record  # noqa: E402
 from train_reference import load_digits  # noqa: E402  (same data file, same reader)
 
-from phyai_cache.cli_options import apply_threads  # noqa: E402
-from phyai_cache.reference import video  # noqa: E402
-from phyai_cache.reference.imaging import upsample_digits  # noqa: E402
+from phyai_cache_lab.cli_options import apply_threads  # noqa: E402
+from phyai_cache_lab.reference import video  # noqa: E402
+from phyai_cache_lab.reference.imaging import upsample_digits  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "phyai_cache" / "reference" / "weights"

@@ -23,7 +23,7 @@ cache_dit = pytest.importorskip("cache_dit")
 
 import phyai_cache.adapters.cache_dit as adapter_module  # noqa: E402
 import phyai_cache.adapters.cache_dit.model as cache_dit_model  # noqa: E402
-import phyai_cache.testing.families as families  # noqa: E402
+import phyai_cache_lab.testing.families as families  # noqa: E402
 import phyai_cache.lifecycle as lifecycle_module  # noqa: E402
 from snapshots import target_fingerprint  # noqa: E402
 
@@ -36,8 +36,8 @@ from phyai_cache import (  # noqa: E402
     get_cache_handle,
 )
 from phyai_cache.registry import resolve_backend  # noqa: E402
-from phyai_cache.testing import available_families, build_tiny_pipeline, family_available  # noqa: E402
-from phyai_cache.testing.toy import build_toy_dit, denoise  # noqa: E402
+from phyai_cache_lab.testing import available_families, build_tiny_pipeline, family_available  # noqa: E402
+from phyai_cache_lab.testing.toy import build_toy_dit, denoise  # noqa: E402
 from phyai_cache.versions import feature_available  # noqa: E402
 
 ON = {"enabled": True, "backend": "cache_dit", "threshold": 0.6, "warmup_steps": 1}
@@ -155,14 +155,14 @@ def test_qwenimage21_with_its_block_spec_is_refused_at_enable_and_auto_serves_it
     reference = pipeline.run(num_inference_steps=3, cfg=True)
     before = target_fingerprint(pipeline.pipe)
     with pytest.raises(DiTCacheConfigError, match="backend='native', which serves this model") as info:
-        enable_dit_cache(pipeline.pipe, blocks=pipeline.blocks, **{**ON, **SERVED[strategy]})
+        enable_dit_cache(pipeline.pipe, **{**ON, **SERVED[strategy]})
     assert (info.value.field, info.value.value) == ("target", "QwenImage21Transformer2DModel")
     assert target_fingerprint(pipeline.pipe) == before
     assert torch.equal(pipeline.run(num_inference_steps=3, cfg=True), reference)
     # The tiny random model's residual changes by more than 100 % per step: a threshold the native
     # engine (diff < threshold) can meet.
     auto = {**ON, **SERVED[strategy], "backend": "auto", "threshold": 2.0}
-    handle = enable_dit_cache(pipeline.pipe, blocks=pipeline.blocks, **auto)
+    handle = enable_dit_cache(pipeline.pipe, **auto)
     pipeline.run(num_inference_steps=6, cfg=True)
     assert handle.last_run.backend == "native" and handle.last_run.steps_cached > 0
 
@@ -192,7 +192,7 @@ def test_models_cache_dit_would_fail_on_are_refused_untouched_and_auto_serves_th
     before = families.target_fingerprint(transformer)
     for strategy in ("fbcache", "dbcache"):
         with pytest.raises(DiTCacheConfigError, match="backend='native', which serves this model") as info:
-            enable_dit_cache(transformer, blocks=fam.blocks, **{**ON, **SERVED[strategy]})
+            enable_dit_cache(transformer, **{**ON, **SERVED[strategy]})
         assert info.value.field == CALL_TIME_FAILURES[name]
     assert families.target_fingerprint(transformer) == before
     assert all(torch.equal(a, b) for a, b in zip(families.denoise(fam, transformer), reference))

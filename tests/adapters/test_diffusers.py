@@ -19,8 +19,8 @@ import phyai_cache.lifecycle as lifecycle_module
 from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfigError, disable_dit_cache,
                          enable_dit_cache)
 from phyai_cache.adapters.diffusers import DiffusersBackend
-from phyai_cache.testing import FAMILIES, build_tiny_pipeline
-from phyai_cache.testing.families import SERVED, family, run_family
+from phyai_cache_lab.testing import PIPELINE_FAMILIES, build_tiny_pipeline
+from phyai_cache_lab.testing.families import SERVED, family, run_family
 from phyai_cache.versions import MIN_VERSIONS
 
 STRATEGIES = ("fbcache", "pab", "fastercache", "taylorseer", "magcache")
@@ -35,7 +35,7 @@ HIT = {
     "magcache": dict(threshold=10.0),
 }
 # What a user must supply beyond HIT for the strategy to serve that model at all.
-REQUIRED_OPTIONS = {("magcache", family): FLAT_RATIOS for family in FAMILIES if family != "flux"}
+REQUIRED_OPTIONS = {("magcache", family): FLAT_RATIOS for family in PIPELINE_FAMILIES if family != "flux"}
 # Combinations that cannot serve with those settings: (error, field it names).
 REFUSED = {
     ("taylorseer", "wan"): (DiTCacheConfigError, "options.cache_identifiers"),
@@ -115,7 +115,7 @@ def test_importing_the_adapter_does_not_import_diffusers():
 # -- the strategy x model matrix ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_model_matrix(strategy, family, monkeypatch):
     """Serves with steps cached and stats filled, or refuses at enable time leaving the pipeline as it was;
@@ -127,11 +127,11 @@ def test_strategy_model_matrix(strategy, family, monkeypatch):
     if refused:
         error, field = refused
         with pytest.raises(error) as info:
-            enable_dit_cache(tiny.pipe, blocks=tiny.blocks, **settings(strategy, family))
+            enable_dit_cache(tiny.pipe, **settings(strategy, family))
         assert info.value.field == field
     else:
         executed = count_block_executions(monkeypatch, tiny.transformer, tiny.blocks)  # class level
-        handle = enable_dit_cache(tiny.pipe, blocks=tiny.blocks, **settings(strategy, family))
+        handle = enable_dit_cache(tiny.pipe, **settings(strategy, family))
         tiny.run(num_inference_steps=8, cfg=True)
         stats = handle.last_run
         blocks = sum(len(getattr(tiny.transformer, name)) for name in tiny.block_lists)
@@ -157,7 +157,7 @@ def test_phyai_families_cfg_on_and_off_run_after_run(strategy, family):
     """Qwen-Image 2.1 and Cosmos3 on the diffusers caches that serve them: CFG switched on and off from
     run to run; every run equals a fresh pipeline's and records its own branches and steps."""
     reused = build_tiny_pipeline(family)
-    handle = enable_dit_cache(reused.pipe, blocks=reused.blocks, **settings(strategy, family))
+    handle = enable_dit_cache(reused.pipe, **settings(strategy, family))
     for cfg in (True, False, True):
         out = reused.run(num_inference_steps=8, cfg=cfg)
         stats = handle.last_run
@@ -166,7 +166,7 @@ def test_phyai_families_cfg_on_and_off_run_after_run(strategy, family):
         for branch in branches:
             assert [r.step for r in stats.records if r.branch == branch] == list(range(8))
         fresh = build_tiny_pipeline(family)
-        enable_dit_cache(fresh.pipe, blocks=fresh.blocks, **settings(strategy, family))
+        enable_dit_cache(fresh.pipe, **settings(strategy, family))
         assert torch.equal(out, fresh.run(num_inference_steps=8, cfg=cfg))
 
 
@@ -178,7 +178,7 @@ def test_attention_reuse_across_qwenimage21_kv_cache_mode_change(strategy):
     broadcasting step 0's 24-token attention output onto 16 tokens (which raised before)."""
     tiny = build_tiny_pipeline("qwenimage21")
     every_timestep = {"options": {"spatial_attention_timestep_skip_range": [-1, 1001]}}
-    handle = enable_dit_cache(tiny.pipe, blocks=tiny.blocks, **settings(strategy, "qwenimage21", **every_timestep))
+    handle = enable_dit_cache(tiny.pipe, **settings(strategy, "qwenimage21", **every_timestep))
     out = tiny.run(num_inference_steps=6, cfg=True)
     records = handle.last_run.records
     for branch in ("cond", "uncond"):
@@ -186,7 +186,7 @@ def test_attention_reuse_across_qwenimage21_kv_cache_mode_change(strategy):
         assert (step_one.decision, step_one.reason) == ("computed", "shape_changed")
     assert handle.last_run.steps_cached > 0  # later steps of the same mode reuse attention
     fresh = build_tiny_pipeline("qwenimage21")
-    enable_dit_cache(fresh.pipe, blocks=fresh.blocks, **settings(strategy, "qwenimage21", **every_timestep))
+    enable_dit_cache(fresh.pipe, **settings(strategy, "qwenimage21", **every_timestep))
     assert torch.equal(out, fresh.run(num_inference_steps=6, cfg=True))
 
 

@@ -9,10 +9,10 @@ import torch
 
 from phyai_cache import CacheStateError, DiTCacheConfigError, enable_dit_cache
 from phyai_cache.adapters.diffusers.seacache import raw_vision
-from phyai_cache.bench import psnr
-from phyai_cache.reference import call_kwargs, latents_to_images, load_pipeline
-from phyai_cache.testing import build_tiny_pipeline
-from phyai_cache.testing.families import SERVED, family, run_family
+from phyai_cache.tuning import psnr
+from phyai_cache_lab.reference import call_kwargs, latents_to_images, load_pipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
+from phyai_cache_lab.testing.families import SERVED, family, run_family
 from phyai_cache.versions import feature_available, installed_version
 
 pytestmark = pytest.mark.skipif(not feature_available("diffusers", "seacache", installed_version("diffusers")),
@@ -110,7 +110,7 @@ def test_seacache_refuses_a_model_whose_first_and_last_blocks_differ():
     diffusers' SeaCache never records a residual there and would cache no step."""
     from diffusers import Flux2Transformer2DModel
 
-    from phyai_cache.testing.families import target_fingerprint
+    from phyai_cache_lab.testing.families import target_fingerprint
 
     flux2 = Flux2Transformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                     num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=16,

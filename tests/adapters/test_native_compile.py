@@ -7,8 +7,8 @@ import torch
 import torch._dynamo
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
-from phyai_cache.testing.toy import build_toy_dit, denoise
+from phyai_cache_lab.testing import build_tiny_pipeline
+from phyai_cache_lab.testing.toy import build_toy_dit, denoise
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import torch
 from counting import count_block_executions
 
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
-from phyai_cache.testing import FAMILIES, build_tiny_pipeline
+from phyai_cache_lab.testing import PIPELINE_FAMILIES, build_tiny_pipeline
 
 STRATEGIES = {
     "fbcache": dict(strategy="fbcache", threshold=10.0, warmup_steps=1),
@@ -34,11 +34,11 @@ SKIP_CALL_REFUSED = {"cosmos3"}
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_strategy_caches_and_counts_exactly(family, strategy, monkeypatch):
     tiny = build_tiny_pipeline(family)
     executed = count_block_executions(monkeypatch, tiny.transformer, tiny.blocks)
-    settings = dict(enabled=True, backend="native", blocks=tiny.blocks, **STRATEGIES[strategy])
+    settings = dict(enabled=True, backend="native", **STRATEGIES[strategy])
     if family in SKIP_CALL_REFUSED and "+skip_call" in strategy:
         reference = tiny.run(num_inference_steps=3)
         with pytest.raises(DiTCacheConfigError, match="hidden_states") as info:
@@ -77,10 +77,10 @@ def runs_for(tiny) -> list[dict]:
 
 
 @pytest.mark.parametrize("strategy", ["fbcache+taylorseer", "dbcache", "taylorseer"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_run_after_run_equals_fresh_run(family, strategy):
     reused = build_tiny_pipeline(family)
-    settings = dict(enabled=True, backend="native", blocks=reused.blocks, **STRATEGIES[strategy])
+    settings = dict(enabled=True, backend="native", **STRATEGIES[strategy])
     enable_dit_cache(reused.pipe, **settings)
     for kwargs in runs_for(reused):
         fresh = build_tiny_pipeline(family)
@@ -88,11 +88,11 @@ def test_run_after_run_equals_fresh_run(family, strategy):
         assert torch.equal(reused.run(**kwargs), fresh.run(**kwargs)), kwargs
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_disable_restores_bit_identical_output(family):
     tiny = build_tiny_pipeline(family)
     reference = tiny.run(num_inference_steps=4, cfg=True)
-    handle = enable_dit_cache(tiny.pipe, enabled=True, blocks=tiny.blocks, **STRATEGIES["dbcache"])
+    handle = enable_dit_cache(tiny.pipe, enabled=True, **STRATEGIES["dbcache"])
     assert not torch.equal(tiny.run(num_inference_steps=4, cfg=True), reference)
     handle.disable()
     assert torch.equal(tiny.run(num_inference_steps=4, cfg=True), reference)
@@ -116,7 +116,7 @@ def test_qwenimage21_kv_cache_step_is_recomputed_in_each_branch(strategy, cfg):
     only from step 1: the hidden states change shape, so step 1 must be computed in every branch
     (nothing is reused across the shape change) and the run must match a fresh pipeline's."""
     tiny = build_tiny_pipeline("qwenimage21")
-    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", blocks=tiny.blocks, **KV_CASES[strategy])
+    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", **KV_CASES[strategy])
     out = tiny.run(num_inference_steps=6, cfg=cfg)
     branches = ["cond", "uncond"] if cfg else ["cond"]
     stats = handle.last_run
@@ -127,7 +127,7 @@ def test_qwenimage21_kv_cache_step_is_recomputed_in_each_branch(strategy, cfg):
     if strategy not in ("masked", "taylorseer"):  # those compute step 1 by their own schedule
         assert [r.reason for r in stats.records if r.step == 1] == ["shape_changed"] * len(branches)
     fresh = build_tiny_pipeline("qwenimage21")
-    enable_dit_cache(fresh.pipe, enabled=True, backend="native", blocks=fresh.blocks, **KV_CASES[strategy])
+    enable_dit_cache(fresh.pipe, enabled=True, backend="native", **KV_CASES[strategy])
     assert torch.equal(out, fresh.run(num_inference_steps=6, cfg=cfg))
 
 
@@ -140,7 +140,7 @@ def test_qwenimage21_skip_call_computes_across_the_kv_mode_change(cfg):
     tiny = build_tiny_pipeline("qwenimage21")
     returned: list[torch.Tensor] = []
     hook = tiny.transformer.register_forward_hook(lambda module, args, output: returned.append(output[0].clone()))
-    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", blocks=tiny.blocks, strategy="magcache",
+    handle = enable_dit_cache(tiny.pipe, enabled=True, backend="native", strategy="magcache",
                               threshold=10.0, warmup_steps=0, options={"mag_ratios": [1.0], "skip_call": True})
     try:
         out = tiny.run(num_inference_steps=6, cfg=cfg)
@@ -159,7 +159,7 @@ def test_qwenimage21_skip_call_computes_across_the_kv_mode_change(cfg):
         if record.step >= 1:  # a decode step returns the image tokens only, skipped or not
             assert output.shape[1] == returned[-1].shape[1]
     fresh = build_tiny_pipeline("qwenimage21")
-    enable_dit_cache(fresh.pipe, enabled=True, backend="native", blocks=fresh.blocks, strategy="magcache",
+    enable_dit_cache(fresh.pipe, enabled=True, backend="native", strategy="magcache",
                      threshold=10.0, warmup_steps=0, options={"mag_ratios": [1.0], "skip_call": True})
     assert torch.equal(out, fresh.run(num_inference_steps=6, cfg=cfg))
 
@@ -176,7 +176,7 @@ def test_qwenimage21_needs_its_block_spec_and_the_refusal_says_so():
 def test_cfg_on_and_off_in_one_pipeline_keep_separate_branch_state(family):
     """Runs alternating true CFG on and off equal fresh runs, and each records its own branches."""
     reused = build_tiny_pipeline(family)
-    settings = dict(enabled=True, backend="native", blocks=reused.blocks, **STRATEGIES["fbcache"])
+    settings = dict(enabled=True, backend="native", **STRATEGIES["fbcache"])
     handle = enable_dit_cache(reused.pipe, **settings)
     for cfg in (True, False, True):
         out = reused.run(num_inference_steps=5, cfg=cfg)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from counting import count_block_executions
 
-import phyai_cache.testing.families as families
+import phyai_cache_lab.testing.families as families
 from phyai_cache import CacheStateError, DiTCacheConfigError, enable_dit_cache
-from phyai_cache.reference import call_kwargs, load_pipeline
+from phyai_cache_lab.reference import call_kwargs, load_pipeline
 from phyai_cache.strategies.magcache import ratios_for_steps
-from phyai_cache.testing.toy import build_toy_dit, denoise
+from phyai_cache_lab.testing.toy import build_toy_dit, denoise
 
 ON = {"enabled": True, "backend": "native"}
 LABELS = [0, 3, 7, 9]
@@ -132,7 +132,7 @@ def test_easycache_predicts_from_the_transformation_rate(reference_pipe, uncache
         assert record.diff == pytest.approx(accumulated + record.measures["predicted_change"], rel=1e-6)
         accumulated = record.diff if record.decision == "cached" else 0.0
         assert (record.decision == "cached") == (record.diff < 0.15)  # no caps set
-    from phyai_cache.bench import psnr
+    from phyai_cache.tuning import psnr
 
     assert psnr(output, uncached) > 30
 
@@ -191,7 +191,7 @@ def test_teacache_on_chroma_measures_the_chain_input():
     fam = families.family("chroma")
     transformer = fam.build()
     reference, before = families.denoise(fam, transformer), families.target_fingerprint(transformer)
-    settings = dict(enabled=True, backend="native", blocks=fam.blocks, strategy="teacache", threshold=10.0,
+    settings = dict(enabled=True, backend="native", strategy="teacache", threshold=10.0,
                     warmup_steps=1)
     with pytest.raises(DiTCacheConfigError, match="ChromaTransformerBlock") as info:
         enable_dit_cache(transformer, **settings, options={"probe": "modulated"})

@@ -7,7 +7,7 @@ import torch
 from counting import count_block_executions
 
 from phyai_cache import CacheStateError, disable_dit_cache, enable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
 
 HIT = {"enabled": True, "threshold": 10.0, "warmup_steps": 1}  # random weights: only a high threshold hits
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from phyai_cache import enable_dit_cache, list_backends
-from phyai_cache.reference import call_kwargs, load_pipeline
+from phyai_cache_lab.reference import call_kwargs, load_pipeline
 
 FBCACHE_BACKENDS = [r.name for r in list_backends() if r.installed and "fbcache" in r.available_strategies]
 pytestmark = pytest.mark.skipif(len(FBCACHE_BACKENDS) < 2, reason="needs two backends serving fbcache")

@@ -14,7 +14,7 @@ from diffusers import WanPipeline
 from snapshots import module_fingerprint, target_fingerprint
 
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
 
 STEPS = 8
 BOUNDARY = 0.9

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from phyai_cache.bench import BenchOptions, SweepEntry, reference_workload, run_bench
-from phyai_cache.bench.report import markdown, write_json
+from phyai_cache_lab.bench import BenchOptions, SweepEntry, reference_workload, run_bench
+from phyai_cache_lab.bench.report import markdown, write_json
 from phyai_cache.cli import main
 
 STEPS, BATCH = 6, 2
@@ -135,7 +135,7 @@ def test_cli_exits_1_when_a_config_errors_while_running(tmp_path, capsys, monkey
     inside its call, so the crash happens in real bench code, not in a stand-in."""
     import functools
 
-    import phyai_cache.bench.runner as bench_runner
+    import phyai_cache_lab.bench.runner as bench_runner
 
     entries = [SweepEntry("refused", "native", "dbcache", {"front_blocks": 4, "back_blocks": 3}),
                SweepEntry("fine", "native", "fbcache", {"threshold": 0.4}),

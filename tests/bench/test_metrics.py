@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from phyai_cache.bench import extract_images, psnr, ssim
-from phyai_cache.bench.measure import quality
-from phyai_cache.bench.metrics import SSIM_K1, SSIM_K2, _gaussian_window
+from phyai_cache.tuning import extract_images, psnr, ssim
+from phyai_cache.tuning.measure import quality
+from phyai_cache.tuning.metrics import SSIM_K1, SSIM_K2, _gaussian_window
 
 
 def _images(seed: int = 0, shape=(3, 1, 16, 16)) -> torch.Tensor:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from phyai_cache.adapters.base import StrategySupport
-from phyai_cache.bench import sweep
-from phyai_cache.bench.sweep import plan_sweep, strategy_variants
+from phyai_cache_lab.bench import sweep
+from phyai_cache_lab.bench.sweep import plan_sweep, strategy_variants
 from phyai_cache.config import list_presets, load_config
 from phyai_cache.registry import BackendReport, list_backends
 from phyai_cache.strategies import strategy_names
@@ -67,8 +67,8 @@ def test_presets_are_swept_once_on_the_backend_auto_picks():
             assert name in presets, name
 
 
-# The points the bench swept when the grids were tables keyed by strategy name in bench/sweep.py and
-# bench/tune.py; they moved into the declarations (StrategySpec.sweep) and must sweep the same points.
+# The points the bench swept when the grids were tables keyed by strategy name in the bench (sweep.py) and
+# tune.py; they moved into the declarations (StrategySpec.sweep) and must sweep the same points.
 # strategy -> (full sweep on the native engine, the native-only forms among them, --quick sweep)
 SWEPT_BEFORE_THE_GRIDS_MOVED = {
     "dbcache": (["t=0.2", "t=0.4", "t=0.4 o=1", "t=0.5 o=1"], [], ["t=0.4 o=1"]),
@@ -103,7 +103,7 @@ def _labels(strategy, variants):
 
 
 def test_the_declared_grids_sweep_what_the_bench_swept_before():
-    from phyai_cache.bench.tune import _variants_for
+    from phyai_cache.tuning.tune import _variants_for
 
     for strategy, (full, native_only, quick) in SWEPT_BEFORE_THE_GRIDS_MOVED.items():
         assert _labels(strategy, strategy_variants(strategy, backend="native")) == full, strategy

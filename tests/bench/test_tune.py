@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from phyai_cache import get_cache_handle, load_config
-from phyai_cache.bench import TuneError, reference_workload, tune
-from phyai_cache.reference import load_pipeline
+from phyai_cache.tuning import TuneError, tune
+from phyai_cache_lab.bench import reference_workload
+from phyai_cache_lab.reference import load_pipeline
 
 TARGET = 30.0
 

@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from phyai_cache.bench import BenchOptions, SweepEntry, run_bench
-from phyai_cache.bench.models import MODELS, video_workload, workload_factory
-from phyai_cache.bench.report import markdown, write_json
+from phyai_cache_lab.bench import BenchOptions, SweepEntry, run_bench
+from phyai_cache_lab.bench.models import MODELS, video_workload, workload_factory
+from phyai_cache_lab.bench.report import markdown, write_json
 from phyai_cache.cli import main
-from phyai_cache.reference.video import load_video_metadata
+from phyai_cache_lab.reference.video import load_video_metadata
 
 STEPS = 5
 LAYERS = load_video_metadata()["transformer_config"]["num_layers"]
@@ -50,7 +50,7 @@ def test_video_report_json_and_markdown(report, tmp_path):
 
 
 def test_image_rows_have_no_workload_metrics_column():
-    from phyai_cache.bench.runner import Baseline, BenchReport
+    from phyai_cache_lab.bench.runner import Baseline, BenchReport
 
     plain = BenchReport(BenchOptions(), [Baseline(4, {}, 0.1, 1.0)], [], [], {})
     assert "temporal PSNR" not in markdown(plain)

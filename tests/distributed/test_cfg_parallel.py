@@ -1,6 +1,6 @@
 """CFG parallel, phyai style: rank 0 runs the cond branch, rank 1 the uncond one (2 gloo ranks).
 
-The loop (:func:`phyai_cache.testing.distributed.denoise_cfg`) all-gathers both velocities and
+The loop (:func:`phyai_cache_lab.testing.distributed.denoise_cfg`) all-gathers both velocities and
 combines them every step, so both ranks carry the same latents; without a CFG group the same
 function runs both branches in one process, which is the reference.
 """
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.testing.distributed import denoise_cfg, inputs, run_ranks
-from phyai_cache.testing.toy import build_toy_dit
+from phyai_cache_lab.testing.distributed import denoise_cfg, inputs, run_ranks
+from phyai_cache_lab.testing.toy import build_toy_dit
 
 pytestmark = pytest.mark.slow
 

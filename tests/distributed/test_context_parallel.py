@@ -4,7 +4,7 @@ Real process groups, real diffusers context parallelism (``enable_parallelism`` 
 ``ContextParallelConfig(ulysses_degree=2)``: the transformer's split hooks shard the image and text
 tokens over the ranks and every attention runs an all-to-all), real pipelines. The only thing
 patched is ``torch.accelerator.device_count`` (diffusers divides by it; it is 0 on a CPU-only torch),
-see :func:`phyai_cache.testing.distributed.ulysses_flux`.
+see :func:`phyai_cache_lab.testing.distributed.ulysses_flux`.
 
 Ring attention does not run here: diffusers' ring needs the attention's log-sum-exp, which its
 native (SDPA) CPU backend does not return, so only Ulysses is exercised on CPU.
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
-from phyai_cache.testing.distributed import run_ranks, ulysses_flux
+from phyai_cache_lab.testing import build_tiny_pipeline
+from phyai_cache_lab.testing.distributed import run_ranks, ulysses_flux
 
 pytestmark = pytest.mark.slow
 

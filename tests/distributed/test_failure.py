@@ -23,7 +23,7 @@ import os
 import pytest
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.testing.distributed import (RankFailure, attempt, build_tokenwise_dit, denoise_cfg, denoise_sharded,
+from phyai_cache_lab.testing.distributed import (RankFailure, attempt, build_tokenwise_dit, denoise_cfg, denoise_sharded,
                                              inputs, run_ranks)
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """Four gloo ranks: data-parallel replicas of a sequence-parallel model, and sequence x CFG parallel.
 
-The model is the toy DiT with token-wise blocks (:class:`~phyai_cache.testing.distributed.TokenwiseDiT`):
+The model is the toy DiT with token-wise blocks (:class:`~phyai_cache_lab.testing.distributed.TokenwiseDiT`):
 sharding its tokens over ranks computes exactly the rows the whole model computes, so a
 sequence-parallel layout needs no distributed attention. Groups come from ``dist.new_group``.
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.testing.distributed import build_tokenwise_dit, denoise_cfg, denoise_sharded, inputs, run_ranks
+from phyai_cache_lab.testing.distributed import build_tokenwise_dit, denoise_cfg, denoise_sharded, inputs, run_ranks
 
 pytestmark = pytest.mark.slow
 

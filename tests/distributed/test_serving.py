@@ -12,7 +12,7 @@ import torch
 from toy_serving import ToyJob, step_batch
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.testing.distributed import build_tokenwise_dit, run_ranks
+from phyai_cache_lab.testing.distributed import build_tokenwise_dit, run_ranks
 
 pytestmark = pytest.mark.slow
 

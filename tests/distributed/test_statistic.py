@@ -12,7 +12,7 @@ import torch
 
 from phyai_cache import DiTCacheConfigError, enable_dit_cache
 from phyai_cache.decision import relative_l1, relative_l1_groups
-from phyai_cache.testing.toy import build_toy_dit
+from phyai_cache_lab.testing.toy import build_toy_dit
 
 
 def _over_shards(shards_current, shards_reference, sizes):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from phyai_cache.testing.phyai import missing_reason, phyai_source
+from phyai_cache_lab.testing.phyai import missing_reason, phyai_source
 
 REQUIRE_ENV = "PHYAI_CACHE_REQUIRE_PHYAI"
 

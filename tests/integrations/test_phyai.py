@@ -1,7 +1,7 @@
 """phyai's own Cosmos3 model, runners and schedulers (from its source snapshot) as the cache's client.
 
 Everything here is phyai's real code on a CPU: only two GPU kernels (phyai_kernel's RMSNorm and
-flashinfer's silu_and_mul) are replaced by CPU stand-ins (phyai_cache.testing.phyai). Random weights:
+flashinfer's silu_and_mul) are replaced by CPU stand-ins (phyai_cache_lab.testing.phyai). Random weights:
 these tests check what the cache does with phyai's calls, not quality.
 """
 
@@ -13,7 +13,7 @@ import torch
 from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfigError, enable_dit_cache,
                          get_cache_handle)
 from phyai_cache.integrations.phyai import attach
-from phyai_cache.testing.phyai import (build_tiny_cosmos3, cosmos3_action_request, cosmos3_policy_scheduler,
+from phyai_cache_lab.testing.phyai import (build_tiny_cosmos3, cosmos3_action_request, cosmos3_policy_scheduler,
                                        cosmos3_request, cosmos3_scheduler)
 
 STEPS = 12

@@ -16,7 +16,7 @@ calls are counted in the runner's branch;
 threshold 0 is bit-identical to the uncached ``wn`` run; every cache collective went through
 ``phyai.parallel`` (counted at its backend) and none through ``torch.distributed`` directly; a rank
 that raises leaves its peer a ``DistributedCacheError``, not a hang. Nothing is mocked but the two
-GPU kernels ``phyai_cache.testing.phyai`` stands in for.
+GPU kernels ``phyai_cache_lab.testing.phyai`` stands in for.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class CollectiveCounter:
 def wn_worker(rank, world_size):
     from phyai_cache.integrations.phyai import attach
     from phyai_cache.integrations.phyai_collectives import cache_groups
-    from phyai_cache.testing import phyai
-    from phyai_cache.testing.distributed import attempt
+    from phyai_cache_lab.testing import phyai
+    from phyai_cache_lab.testing.distributed import attempt
 
     phyai.init_gloo_mesh(cfg=2)
     tiny = phyai.build_tiny_cosmos3()
@@ -150,7 +150,7 @@ def wn_worker(rank, world_size):
 
 @pytest.fixture(scope="module")
 def ranks():
-    from phyai_cache.testing.distributed import run_ranks
+    from phyai_cache_lab.testing.distributed import run_ranks
 
     return run_ranks(wn_worker, 2, deadline_s=300, group_timeout_s=30)
 
@@ -159,7 +159,7 @@ def ranks():
 def solo():
     """phyai's one-process ``ws1`` scheduler (cond then uncond per step), attached the same way."""
     from phyai_cache.integrations.phyai import attach
-    from phyai_cache.testing import phyai
+    from phyai_cache_lab.testing import phyai
 
     tiny = phyai.build_tiny_cosmos3()
     scheduler = phyai.cosmos3_scheduler(tiny)
@@ -247,7 +247,7 @@ def test_a_rank_that_raises_leaves_its_peer_an_error_not_a_hang(ranks):
 
 @pytest.fixture(scope="module")
 def phyai_mesh():
-    from phyai_cache.testing import phyai
+    from phyai_cache_lab.testing import phyai
 
     return phyai.build_tiny_cosmos3()  # phyai's parallel state for a world of one, and a model
 

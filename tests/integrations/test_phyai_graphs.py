@@ -18,8 +18,8 @@ import torch
 
 from phyai_cache import DiTCacheConfigError, GraphCaptureError
 from phyai_cache.integrations.phyai import attach
-from phyai_cache.testing.phyai import load_phyai, phyai_source
-from phyai_cache.testing.qwen_image_21 import QwenImage21Request, QwenImage21Scheduler, RecordingCudaGraph, build_scheduler
+from phyai_cache_lab.testing.phyai import load_phyai, phyai_source
+from phyai_cache_lab.testing.qwen_image_21 import QwenImage21Request, QwenImage21Scheduler, RecordingCudaGraph, build_scheduler
 
 STEPS = 8
 WHOLE_CALL = {

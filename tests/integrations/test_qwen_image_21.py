@@ -2,7 +2,7 @@
 prefix K/V (never skipped), later steps run the target tokens only (recomputed across the change).
 
 phyai's qwen_image_21 package is newer than the snapshot and cannot run here: the model, runner and
-scheduler are a stand-in written from its call pattern (phyai_cache.testing.qwen_image_21).
+scheduler are a stand-in written from its call pattern (phyai_cache_lab.testing.qwen_image_21).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from phyai_cache.integrations.phyai import attach
-from phyai_cache.testing.qwen_image_21 import QwenImage21Request, build_scheduler
+from phyai_cache_lab.testing.qwen_image_21 import QwenImage21Request, build_scheduler
 
 LAYERS = 4
 HITS = dict(enabled=True, strategy="fbcache", threshold=10.0, warmup_steps=0)  # caches whatever it may

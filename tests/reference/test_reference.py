@@ -16,9 +16,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-from phyai_cache import reference as ref
-from phyai_cache.reference.assets import CLASSIFIER_FILE, load_tensors
-from phyai_cache.reference.imaging import upsample_digits
+from phyai_cache_lab import reference as ref
+from phyai_cache_lab.reference.assets import CLASSIFIER_FILE, load_tensors
+from phyai_cache_lab.reference.imaging import upsample_digits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGITS = list(range(10))
@@ -127,7 +127,7 @@ def test_classifier_is_near_chance_on_noise():
 def test_runtime_does_not_import_sklearn():
     code = (
         "import sys, torch\n"
-        "from phyai_cache import reference as r\n"
+        "from phyai_cache_lab import reference as r\n"
         "r.load_classifier(); r.load_pipeline(); r.class_embeddings([1])\n"
         "assert 'sklearn' not in sys.modules, 'sklearn imported at runtime'\n"
     )

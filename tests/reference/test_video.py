@@ -17,9 +17,9 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-from phyai_cache.reference import video
-from phyai_cache.reference.assets import CLASSIFIER_FILE, load_tensors
-from phyai_cache.reference.imaging import upsample_digits
+from phyai_cache_lab.reference import video
+from phyai_cache_lab.reference.assets import CLASSIFIER_FILE, load_tensors
+from phyai_cache_lab.reference.imaging import upsample_digits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGITS = list(range(10))
@@ -132,7 +132,7 @@ def test_samples_are_recognisable_moving_digits(pipe):
 def test_runtime_does_not_import_sklearn():
     code = (
         "import sys, torch\n"
-        "from phyai_cache.reference import video\n"
+        "from phyai_cache_lab.reference import video\n"
         "video.load_video_pipeline(); video.video_call_kwargs([1]); video.frame_classes(torch.zeros(1, 8, 1, 16, 16), [0])\n"
         "assert 'sklearn' not in sys.modules, 'sklearn imported at runtime'\n"
     )

@@ -12,7 +12,7 @@ from torch import nn
 
 import phyai_cache.registry as registry
 from phyai_cache import BackendUnavailableError, DiTCacheConfigError, enable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
 
 COMBOS = served_combinations()
 REFUSALS = (DiTCacheConfigError, BackendUnavailableError)

@@ -11,7 +11,7 @@ from combos import combo_id, served_combinations, settings_for
 from snapshots import target_fingerprint
 
 from phyai_cache import BackendUnavailableError, DiTCacheConfigError, enable_dit_cache, disable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
 
 COMBOS = served_combinations()
 CYCLES = 200

@@ -28,8 +28,8 @@ from phyai_cache import (
     get_cache_handle,
 )
 from phyai_cache.errors import PhyaiCacheError, TargetChangedError
-from phyai_cache.testing import build_tiny_pipeline
-from phyai_cache.testing.tiny import TinyPipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
+from phyai_cache_lab.testing.tiny import TinyPipeline
 
 COMBOS = served_combinations()
 STEPS = 3

@@ -13,7 +13,7 @@ import torch
 from combos import combo_id, served_combinations, settings_for
 
 from phyai_cache import BackendUnavailableError, DiTCacheConfigError, enable_dit_cache
-from phyai_cache.testing import build_tiny_pipeline
+from phyai_cache_lab.testing import build_tiny_pipeline
 
 COMBOS = served_combinations()
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phyai_cache import enable_dit_cache, reference
-from phyai_cache.bench import psnr
-from phyai_cache.serving import ServeRequest, StepEngine, make_trace
-from phyai_cache.serving.engine import serve_one
+from phyai_cache import enable_dit_cache
+from phyai_cache_lab import reference
+from phyai_cache.tuning import psnr
+from phyai_cache_lab.serving import ServeRequest, StepEngine, make_trace
+from phyai_cache_lab.serving.engine import serve_one
 
 TIERS = {**dict.fromkeys(("uncached",), None), "quality": "fbcache-quality", "fast": "fbcache-fast",
          "dbcache": "dbcache-balanced", "taylorseer": "taylorseer-balanced",

@@ -24,7 +24,7 @@ from phyai_cache import (
     enable_dit_cache,
     load_config,
 )
-from phyai_cache.testing.toy import build_toy_dit
+from phyai_cache_lab.testing.toy import build_toy_dit
 
 NATIVE = dict(enabled=True, backend="native", strategy="fbcache", blocks="layers")
 HIT = dict(enabled=True, strategy="fbcache", threshold=10.0, warmup_steps=1)  # random weights: always hits
@@ -206,7 +206,7 @@ def _qwen_batch(family, rows):
 
 
 def test_qwen_image_padded_prompts_share_a_per_row_batch_without_a_block_spec():
-    from phyai_cache.testing.families import family
+    from phyai_cache_lab.testing.families import family
 
     qwen = family("qwenimage")
     model = qwen.build()

@@ -21,7 +21,7 @@ from phyai_cache import (
     enable_dit_cache,
 )
 from phyai_cache.config import preset_path
-from phyai_cache.testing.toy import build_toy_dit
+from phyai_cache_lab.testing.toy import build_toy_dit
 
 
 def open_preset(name: str) -> str:

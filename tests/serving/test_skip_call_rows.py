@@ -12,7 +12,7 @@ import torch
 from toy_serving import STEPS, ToyJob, decisions, solo, step_batch
 
 from phyai_cache import Row, enable_dit_cache, list_presets, load_config
-from phyai_cache.testing.toy import build_toy_dit
+from phyai_cache_lab.testing.toy import build_toy_dit
 
 HIT = dict(enabled=True, strategy="fbcache", threshold=10.0, warmup_steps=1)
 SKIP = {"skip_call": True}
@@ -127,7 +127,7 @@ def test_a_failed_call_with_whole_call_skipping_requests_costs_nothing(toy):
 
 
 def test_the_transformer_runs_only_on_the_rows_that_compute_embeddings_included():
-    from phyai_cache.testing.families import family
+    from phyai_cache_lab.testing.families import family
 
     flux = family("flux")
     model = flux.build()

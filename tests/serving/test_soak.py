@@ -12,7 +12,7 @@ import torch
 from toy_serving import ToyJob, decisions, solo, step_batch
 
 from phyai_cache import enable_dit_cache
-from phyai_cache.testing.toy import build_toy_dit
+from phyai_cache_lab.testing.toy import build_toy_dit
 
 REQUESTS = int(os.environ.get("PHYAI_CACHE_SOAK_REQUESTS", "300"))
 TIERS = [

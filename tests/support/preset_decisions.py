@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from phyai_cache import disable_dit_cache, enable_dit_cache, list_presets
-from phyai_cache import reference
+from phyai_cache_lab import reference
 
 PINNED = Path(__file__).resolve().parents[1] / "data" / "preset_decisions.json"
 CASES = {"plain": None, "cfg": 3.0}

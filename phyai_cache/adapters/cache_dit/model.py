@@ -24,7 +24,7 @@ _BACK_TO_BACK_LISTS: dict[str, tuple[str, ...]] = {
 }
 
 # Models whose forward does more with a block list than call each block with the same arguments,
-# found by the support matrix (phyai_cache/testing/families.py) with the cache-dit version below.
+# found by the support matrix (lab/phyai_cache_lab/testing/families.py) with the cache-dit version below.
 # For the whole forward call cache-dit puts a one-element list holding its wrapper where the block
 # list was: the model's loop calls the wrapper once, with the first block's arguments, and whatever
 # else the forward reads from the list sees the wrapper, so the first call raises (or, for per-block

@@ -1,8 +1,8 @@
 """Measure the video reference model: clip quality, first-block residual drift, a frame grid.
 
-Run as ``python -m phyai_cache.reference.video_evaluate`` after retraining; the figures in
+Run as ``python -m phyai_cache_lab.reference.video_evaluate`` after retraining; the figures in
 ``docs/reference-model.md`` ("The video reference model") come from this module. Quality is
-:func:`phyai_cache.reference.video.clip_quality` over one batch of the 10 digits per seed, each
+:func:`phyai_cache_lab.reference.video.clip_quality` over one batch of the 10 digits per seed, each
 digit moving in the default direction of its position (right, left, down, up, right, ...).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..cli_options import add_threads_option, apply_threads
+from phyai_cache_lab.cli_options import add_threads_option, apply_threads
 from .classifier import load_classifier
 from .evaluate import FirstBlockResiduals, write_tile_grid
 from .video import (

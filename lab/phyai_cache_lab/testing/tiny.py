@@ -89,8 +89,8 @@ qwenimage21 -- ``QwenImage21Pipeline`` + ``QwenImage21Transformer2DModel`` (Qwen
     id. ``_TokenizerProcessor`` provides exactly those with a real tiny
     ``Qwen2Tokenizer`` -- the only stand-in in this module.
     Blocks: ``transformer_blocks`` (4 x QwenImage21TransformerBlock), which
-    diffusers' block registry does not describe: ``TinyPipeline.blocks`` declares
-    ``BlockSpec("transformer_blocks")`` (pass it as ``enable_dit_cache(..., blocks=)``).
+    diffusers' block registry does not describe; the library knows them
+    (``phyai_cache.known_blocks``), so ``enable_dit_cache`` finds them itself.
 
 cosmos3 -- ``Cosmos3OmniPipeline`` + ``Cosmos3OmniTransformer`` (Cosmos 3, text-to-image)
     kwargs: prompt (a string: the pipeline has no text encoder, the transformer
@@ -128,12 +128,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from phyai_cache.blocks import BlockSpec
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-FAMILIES: tuple[str, ...] = ("flux", "wan", "qwenimage", "hunyuanvideo", "qwenimage21", "cosmos3")
+PIPELINE_FAMILIES: tuple[str, ...] = ("flux", "wan", "qwenimage", "hunyuanvideo", "qwenimage21", "cosmos3")
 
 DEFAULT_RESOLUTION = 64
 """Default height == width in pixels: 16 image tokens per frame (8x VAE, 2x2 patches)."""
@@ -169,11 +168,6 @@ class TinyPipeline:
     @property
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer
-
-    @property
-    def blocks(self) -> Any:
-        """The ``blocks=`` to pass to ``enable_dit_cache`` (``None``: diffusers describes the blocks)."""
-        return _BLOCK_SPECS.get(self.family)
 
     @property
     def max_batch_size(self) -> int | None:
@@ -227,8 +221,8 @@ def build_tiny_pipeline(
     config (e.g. ``num_layers=6``, which means ``num_hidden_layers`` for cosmos3);
     the global torch RNG state is not changed.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in PIPELINE_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {PIPELINE_FAMILIES}")
     aliases = _OVERRIDE_ALIASES.get(family, {})
     overrides = {aliases.get(name, name): value for name, value in transformer_overrides.items()}
     config = {**_TRANSFORMER_CONFIGS[family], **overrides}
@@ -346,8 +340,6 @@ _TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
 _OVERRIDE_ALIASES: dict[str, dict[str, str]] = {"cosmos3": {"num_layers": "num_hidden_layers"}}
 
 
-_BLOCK_SPECS: dict[str, Any] = {"qwenimage21": BlockSpec("transformer_blocks")}
-"""Block specs for the families whose blocks diffusers' registry does not describe."""
 
 _BLOCK_LISTS: dict[str, tuple[str, ...]] = {
     "qwenimage21": ("transformer_blocks",),
@@ -368,7 +360,7 @@ def family_available(family: str) -> bool:
 
 
 def available_families() -> tuple[str, ...]:
-    return tuple(f for f in FAMILIES if family_available(f))
+    return tuple(f for f in PIPELINE_FAMILIES if family_available(f))
 
 
 def _transformer_class(family: str) -> type:

@@ -1,7 +1,7 @@
 """What the benchmark and the tuner run: a pipeline, the call for one seed, and how to read its output.
 
-The reference workload is the shipped digits DiT (``phyai_cache.reference``); the tiny workload is
-a random-weight FluxPipeline (``phyai_cache.testing``) for when the reference weights are absent.
+The reference workload is the shipped digits DiT (``phyai_cache_lab.reference``); the tiny workload is
+a random-weight FluxPipeline (``phyai_cache_lab.testing``) for when the reference weights are absent.
 Any diffusers pipeline works through :func:`extract_images`, the default reader of pipeline outputs.
 """
 
@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-CallKwargs = Callable[[int], Mapping[str, Any]]  # seed -> keyword arguments of one pipeline call
-Extract = Callable[[Any], torch.Tensor]  # pipeline output -> images (B, C, H, W) in [0, data_range]
+from phyai_cache.tuning.outputs import CallKwargs, Extract, extract_images
+
+__all__ = ["CallKwargs", "Extract", "Workload", "extract_images", "reference_workload", "tiny_workload"]
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Workload:
 
 def reference_workload(steps: int, batch_size: int = 10, cfg_scale: float | None = None) -> Workload:
     """The shipped digits DiT: one image per digit 0..9 (repeated to ``batch_size``) per seed."""
-    from .. import reference
+    from phyai_cache_lab import reference
 
     labels = [i % reference.NUM_CLASSES for i in range(batch_size)]
     classifier = reference.load_classifier()
@@ -64,7 +64,7 @@ def reference_workload(steps: int, batch_size: int = 10, cfg_scale: float | None
         data_range=1.0,
         agreement=agreement,
         classes=lambda images: reference.classify(images, classifier),
-        details={"model": "phyai_cache.reference digits DiT (FluxPipeline, 2.29 M params, 16x16)",
+        details={"model": "phyai_cache_lab.reference digits DiT (FluxPipeline, 2.29 M params, 16x16)",
                  "steps": steps, "batch_size": batch_size, "cfg_scale": cfg_scale, "dtype": "float32",
                  "device": "cpu"},
     )
@@ -91,46 +91,6 @@ def tiny_workload(steps: int) -> Workload:
         call_kwargs=lambda seed: template.call_kwargs(num_inference_steps=steps, seed=seed),
         extract=extract_images,
         data_range=None,
-        details={"model": "phyai_cache.testing tiny FluxPipeline (random weights)", "steps": steps,
+        details={"model": "phyai_cache_lab.testing tiny FluxPipeline (random weights)", "steps": steps,
                  "dtype": "float32", "device": "cpu"},
     )
-
-
-def extract_images(output: Any) -> torch.Tensor:
-    """The images (or latents, or video frames) of a diffusers pipeline output, as a float tensor.
-
-    Reads ``.images``, ``.frames`` or ``.videos`` (or element 0 of a tuple from ``return_dict=False``)
-    and converts PIL images and numpy arrays (``output_type="pil"``/``"np"``, channels last) to
-    ``(B, C, H, W)`` floats in [0, 1]. Torch tensors are returned as they are, on the CPU.
-    """
-    value = output
-    for name in ("images", "frames", "videos"):
-        if hasattr(output, name):
-            value = getattr(output, name)
-            break
-    else:
-        if isinstance(output, tuple):
-            value = output[0]
-    return _to_tensor(value)
-
-
-def _to_tensor(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu()
-    if isinstance(value, np.ndarray):
-        return _channels_first(torch.from_numpy(np.ascontiguousarray(value)).float())
-    if isinstance(value, Sequence) and value and not isinstance(value, (str, bytes)):
-        return torch.stack([_to_tensor(item) for item in value])
-    if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image: HWC uint8
-        array = np.asarray(value, dtype=np.float32) / 255.0
-        array = array[..., None] if array.ndim == 2 else array
-        return torch.from_numpy(array).permute(2, 0, 1)
-    raise TypeError(f"cannot read images from a pipeline output of type {type(value).__name__}; "
-                    "pass extract=... to say how")
-
-
-def _channels_first(t: torch.Tensor) -> torch.Tensor:
-    # diffusers' numpy outputs are channels last: (..., H, W, C) with C in 1, 3 or 4
-    if t.ndim >= 3 and t.shape[-1] in (1, 3, 4) and t.shape[-3] > 4:
-        return t.movedim(-1, -3)
-    return t

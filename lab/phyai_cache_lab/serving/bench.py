@@ -118,7 +118,8 @@ class ServingReport:
 
 
 def run_serving_bench(options: ServingOptions = ServingOptions(), progress: Progress | None = None) -> ServingReport:
-    from .. import enable_dit_cache, reference
+    from phyai_cache import enable_dit_cache
+    from phyai_cache_lab import reference
 
     started = time.perf_counter()
     plain = reference.load_pipeline()
@@ -173,7 +174,7 @@ def _serve(engine: StepEngine, trace: list[ServeRequest], mode: str) -> tuple[Mo
 def _capacity(plain: Any, options: ServingOptions) -> float:
     """Requests per second the uncached engine completes with every call full: one full batch of
     requests served from start to end (after a warm-up batch), the faster of two."""
-    from .. import reference
+    from phyai_cache_lab import reference
 
     engine = StepEngine(plain, None, options.max_rows)
     requests = [ServeRequest(f"c{i}", label=i % reference.NUM_CLASSES, seed=i, num_inference_steps=options.steps,
@@ -188,8 +189,8 @@ def _capacity(plain: Any, options: ServingOptions) -> float:
 
 def _compare_with_solo(trace: list[ServeRequest], outputs: dict[str, dict[str, Completed]], plain: Any,
                        cached: Any, handle: Any, tick: Callable[[str], None]) -> list[RequestRow]:
-    from .. import reference
-    from ..bench import psnr
+    from phyai_cache_lab import reference
+    from phyai_cache.tuning import psnr
 
     def images(latents: torch.Tensor) -> torch.Tensor:
         return reference.latents_to_images(latents)

@@ -41,9 +41,9 @@ from ..errors import PhyaiCacheError
 from ..registry import list_backends
 from ..stats import RunStats
 from .measure import interleaved_pairs, quality, timed_call
-from .workload import CallKwargs, Extract, extract_images
+from .outputs import CallKwargs, Extract, extract_images
 
-logger = logging.getLogger("phyai_cache.bench")
+logger = logging.getLogger("phyai_cache.tuning")
 
 SAME_BLOCKS_TOLERANCE = 0.005  # compute fractions closer than this count as equal: speed decides
 
@@ -133,7 +133,7 @@ class TuneResult:
         path = Path(path)
         data = self.to_preset(name or path.stem, trades, details, command)
         header = (f"# {data['preset']['name']}: {data['preset']['trades']}.\n"
-                  f"# Written by phyai_cache.bench.tune: the fastest config found (fewest blocks computed) with PSNR >= "
+                  f"# Written by phyai_cache.tune: the fastest config found (fewest blocks computed) with PSNR >= "
                   f"{self.target_psnr:g} dB vs uncached\n# on the calibration seeds, verified on the held-out seeds "
                   f"(figures below; see docs/benchmarks.md).\n")
         path.write_text(header + yaml.dump(data, Dumper=_PresetDumper, sort_keys=False, width=1000), encoding="utf-8")

@@ -1,8 +1,8 @@
-"""Test helpers: tiny random-weight, offline diffusers pipelines (see :mod:`phyai_cache.testing.tiny`)."""
+"""Test helpers: tiny random-weight, offline diffusers pipelines (see :mod:`phyai_cache_lab.testing.tiny`)."""
 
-from phyai_cache.testing.tiny import (
+from phyai_cache_lab.testing.tiny import (
     DEFAULT_RESOLUTION,
-    FAMILIES,
+    PIPELINE_FAMILIES,
     TinyPipeline,
     available_families,
     build_tiny_pipeline,
@@ -12,7 +12,7 @@ from phyai_cache.testing.tiny import (
 
 __all__ = [
     "DEFAULT_RESOLUTION",
-    "FAMILIES",
+    "PIPELINE_FAMILIES",
     "TinyPipeline",
     "available_families",
     "build_tiny_pipeline",

@@ -8,7 +8,7 @@ plus the keyword arguments of one call; :func:`denoise` drives it with a minimal
 (``handle.run()`` around the generation, ``handle.branch()`` around each branch's call, an Euler
 step on the latent when the prediction has its shape). Pipeline-level behaviour (the pipeline's own
 loop, ``cache_context`` names, KV caches) is tested on the tiny pipelines of
-:mod:`phyai_cache.testing.tiny`.
+:mod:`phyai_cache_lab.testing.tiny`.
 
 ``FAMILIES`` lists the families; ``NOT_BUILT`` the DiT classes that cannot be built or driven here
 (with the reason); ``NOT_DIT`` the classes exported from ``diffusers.models.transformers`` that are
@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from phyai_cache.blocks import BlockSpec
 
 STEPS = 3
 """Denoising steps of the minimal loop (two CFG branches each: six transformer calls per run)."""
@@ -57,8 +56,8 @@ class Family:
     input, a tensor or a list of tensors) and the timestep: ``timestep`` names the argument, which
     receives ``sigma * timestep_scale`` as a per-sample vector, or is a function
     ``(kwargs, sigma) -> None`` that writes it for models with another convention.
-    ``blocks`` is passed to ``enable_dit_cache`` for models whose blocks diffusers does not describe
-    (a :class:`~phyai_cache.BlockSpec` declared as data; ``None`` otherwise).
+    Every family is enabled with ``blocks=None``: the library finds the blocks itself, from diffusers'
+    block registry or, where it has none, from :data:`phyai_cache.known_blocks.KNOWN_MODELS`.
     """
 
     name: str
@@ -68,7 +67,6 @@ class Family:
     latent: str = "hidden_states"
     timestep: str | Callable[[dict[str, Any], float], None] = "timestep"
     timestep_scale: float = 1000.0
-    blocks: Any = None
     note: str = ""
     model_inputs: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # inputs the model itself computes
 
@@ -972,69 +970,7 @@ _family(
     note="SANA-WM's LTX-2 refiner, called without its sliding-window KV cache (kv_cache_mode=None)",
 )
 
-def _two_streams(path: str, hidden_index: int, encoder_arg: str | int = "encoder_hidden_states",
-                 hidden_arg: str | int = "hidden_states") -> BlockSpec:
-    return BlockSpec(path, hidden_states_arg=hidden_arg, encoder_hidden_states_arg=encoder_arg,
-                     return_hidden_states_index=hidden_index, return_encoder_hidden_states_index=1 - hidden_index)
-
-
-DECLARED_BLOCKS: dict[str, Any] = {
-    "ace-step": "layers",
-    "allegro": "transformer_blocks",
-    "anyflow": "blocks",
-    "anyflow-far": "blocks",
-    "auraflow": [_two_streams("joint_transformer_blocks", 1), "single_transformer_blocks"],
-    "bria-fibo": [_two_streams("transformer_blocks", 1), "single_transformer_blocks"],
-    "bria-fibo2": [BlockSpec("noise_refiner", hidden_states_arg="x"), BlockSpec("layers", hidden_states_arg="x")],
-    "chroma": [_two_streams("transformer_blocks", 1), "single_transformer_blocks"],
-    "chronoedit": "blocks",
-    "cogview3plus": _two_streams("transformer_blocks", 0),
-    "consisid": _two_streams("transformer_blocks", 0),
-    "cosmos": "transformer_blocks",
-    "easyanimate": _two_streams("transformer_blocks", 0),
-    "ernie-image": BlockSpec("layers", hidden_states_arg="x"),
-    "flux3": _two_streams("single_transformer_blocks", 1),
-    "glm-image": _two_streams("transformer_blocks", 0),
-    "helios": "blocks",
-    "hidream-image": [_two_streams("double_stream_blocks", 0), "single_stream_blocks"],
-    "hunyuandit": "blocks",
-    "hunyuanvideo15": _two_streams("transformer_blocks", 0),
-    "ideogram4": "layers",
-    "joyimage-edit": _two_streams("double_blocks", 0),
-    "joyimage-edit-plus": _two_streams("double_blocks", 0),
-    "kandinsky6": _two_streams("visual_transformer_blocks", 0, encoder_arg=1, hidden_arg=0),
-    "kandinsky6-sr": "visual_transformer_blocks",
-    "krea2": "transformer_blocks",
-    "longcat-audio-dit": "blocks",
-    "longcat-image": [_two_streams("transformer_blocks", 1), _two_streams("single_transformer_blocks", 1)],
-    "ltx2": _two_streams("transformer_blocks", 0, encoder_arg="audio_hidden_states"),
-    "lumina-next": "layers",
-    "lumina2": ["context_refiner", "noise_refiner", "layers"],
-    "minimax-h3": "transformer_blocks",
-    "minimax-music3": "transformer_blocks",
-    "nucleusmoe-image": "transformer_blocks",
-    "omnigen": "layers",
-    "ovis-image": [_two_streams("transformer_blocks", 1), _two_streams("single_transformer_blocks", 1)],
-    "prx": "blocks",
-    "qwenimage21": "transformer_blocks",
-    "sana": "transformer_blocks",
-    "sana-video": "transformer_blocks",
-    "sana-wm": BlockSpec("blocks", hidden_states_arg="x"),
-    "sana-wm-refiner": "transformer_blocks",
-    "skyreels-v2": "blocks",
-    "stable-audio": "transformer_blocks",
-    "stable-audio3": "transformer_blocks",
-    "t5-film": BlockSpec("decoders", return_hidden_states_index=0),
-    "wan-animate": "blocks",
-}
-"""Block specs for the families whose block classes diffusers' registry does not describe (what a
-user passes as ``enable_dit_cache(..., blocks=...)``), read from each model's forward: the lists in
-the order it runs them, the stream arguments, and where the streams are in a block's output. Two
-streams are declared where a block returns both (the second one is the text stream, or the audio
-stream for LTX-2 and Kandinsky 6). The matrix checks each: a wrong one fails."""
-
-FAMILIES = tuple(sorted((dataclasses.replace(f, blocks=DECLARED_BLOCKS[f.name]) if f.name in DECLARED_BLOCKS
-                         else f for f in _FAMILIES), key=lambda f: f.name))
+FAMILIES = tuple(sorted(_FAMILIES, key=lambda f: f.name))
 
 NOT_BUILT: tuple[Unlisted, ...] = (
     Unlisted("RFD4ProteinaTransformer",
@@ -1192,7 +1128,7 @@ def _run_cell(fam: Family, transformer: torch.nn.Module, reference: list[torch.T
     hits = HIT_SETTINGS.get((backend, strategy), get_strategy(strategy).hit_settings)
     settings = dict(enabled=True, backend=backend, strategy=strategy, **hits)
     try:
-        handle = enable_dit_cache(transformer, blocks=fam.blocks, **settings)
+        handle = enable_dit_cache(transformer, **settings)
     except PhyaiCacheError as error:
         if target_fingerprint(transformer) != before:
             return cell(FAILED, f"refused, but the model was changed: {_clean(str(error))}")

@@ -1,6 +1,6 @@
 """``phyai-cache bench`` and ``phyai-cache tune``: registered by ``phyai_cache.cli`` via :func:`add_commands`.
 
-This module is the only part of :mod:`phyai_cache.bench` that prints.
+This module is the only part of :mod:`phyai_cache_lab.bench` that prints.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli_options import add_cfg_option, add_threads_option, apply_threads
+from phyai_cache_lab.cli_options import add_cfg_option, add_threads_option, apply_threads
 
 DEFAULT_OUT = "bench_out"
 
@@ -48,8 +48,8 @@ def _add_calibrate(subparsers: Any) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .. import reference
-    from ..calibration import calibrate
+    from phyai_cache_lab import reference
+    from phyai_cache.calibration import calibrate
     from .workload import reference_workload
 
     apply_threads(args)
@@ -180,7 +180,7 @@ def _add_tune(subparsers: Any) -> None:
                     "scheduled strategies) on calibration seeds of the reference model for the config with "
                     "the fewest blocks computed that keeps PSNR >= --target-psnr vs uncached, verifies it on "
                     "held-out seeds, and writes a preset YAML with the measured figures. For your own pipeline "
-                    "use phyai_cache.bench.tune(pipe, call_kwargs, target_psnr=...).")
+                    "use phyai_cache.tune(pipe, call_kwargs, target_psnr=...).")
     target = tune.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-psnr", type=float, metavar="DB", help="minimum PSNR vs uncached, in dB")
     target.add_argument("--tiers", metavar="NAME=DB,...",
@@ -222,8 +222,8 @@ TIER_TRADES = {
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .. import reference
-    from .tune import tune_tiers
+    from phyai_cache_lab import reference
+    from phyai_cache.tuning import tune_tiers
     from .workload import reference_workload
 
     apply_threads(args)
@@ -250,7 +250,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         path = _tune_output(args, name, result)
         if path is not None:
             trades = args.trades or _tier_trades(name, result)
-            result.write_preset(path, None if args.tiers else args.name, trades, details, _command_line(args))
+            # A preset records how to reproduce it, not where that run wrote its scratch JSON.
+            command = _command_line(args, leave_out=("json",))
+            result.write_preset(path, None if args.tiers else args.name, trades, details, command)
             print(f"  wrote {path}")
     if args.json:
         data = {name: result.to_dict() for name, result in results.items()}
@@ -324,11 +326,11 @@ def _db(value: float | None) -> str:
     return "inf dB" if math.isinf(value) else f"{value:.1f} dB"
 
 
-def _command_line(args: argparse.Namespace) -> str:
-    """The command as typed (reconstructed from the parsed options, defaults left out)."""
+def _command_line(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> str:
+    """The command as typed (reconstructed from the parsed options, defaults and ``leave_out`` left out)."""
     words = ["phyai-cache", args.command]
     for key, value in vars(args).items():  # argparse keeps the order the options were defined in
-        if key in ("command", "func") or value in (None, False, []):
+        if key in ("command", "func", *leave_out) or value in (None, False, []):
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:

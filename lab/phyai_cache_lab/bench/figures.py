@@ -14,7 +14,7 @@ import torch
 
 from .runner import BenchReport, BenchRow
 
-logger = logging.getLogger("phyai_cache.bench")
+logger = logging.getLogger("phyai_cache_lab.bench")
 
 TIER_LINES_DB = {"fast": 28.0, "balanced": 33.0, "quality": 40.0}
 MARKERS = "os^Dv<>Ph*X"

@@ -5,7 +5,7 @@
   temporary directory, so only the local file system is used), runs one function on every rank
   and returns each rank's result; a rank that raises is reported with its traceback, and ranks
   still running after the deadline are killed (only the processes it started) and reported.
-* :class:`TokenwiseDiT`: the toy DiT of :mod:`phyai_cache.testing.toy` with token-wise blocks (no
+* :class:`TokenwiseDiT`: the toy DiT of :mod:`phyai_cache_lab.testing.toy` with token-wise blocks (no
   attention), so that sharding the tokens over ranks computes exactly the rows of the whole model:
   a sequence-parallel layout without a distributed attention.
 * :func:`denoise_sharded` / :func:`denoise_cfg`: phyai-style loops for those layouts.
@@ -110,7 +110,7 @@ def attempt(run: Callable[[], Any]) -> tuple[str, str] | None:
 
 
 def ulysses_flux(ulysses_degree: int = 2, **transformer_overrides: Any) -> Any:
-    """A tiny Flux pipeline (:func:`~phyai_cache.testing.build_tiny_pipeline`) whose transformer runs
+    """A tiny Flux pipeline (:func:`~phyai_cache_lab.testing.build_tiny_pipeline`) whose transformer runs
     diffusers' Ulysses context parallelism over the default group (call on every rank)."""
     from diffusers import ContextParallelConfig
 
@@ -145,7 +145,7 @@ class TokenwiseBlock(nn.Module):
 
 
 class TokenwiseDiT(ToyDiT):
-    """:class:`~phyai_cache.testing.toy.ToyDiT` with token-wise blocks (``blocks="layers"``)."""
+    """:class:`~phyai_cache_lab.testing.toy.ToyDiT` with token-wise blocks (``blocks="layers"``)."""
 
     def __init__(self, channels: int = 8, dim: int = 32, depth: int = 6, cond_dim: int = 16) -> None:
         super().__init__(channels=channels, dim=dim, depth=depth, heads=2, cond_dim=cond_dim)

@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from ..api import CacheHandle, enable_dit_cache
-from ..calibration import calibrate
-from ..config import DiTCacheConfig
-from ..errors import PhyaiCacheError
-from ..strategies import get_strategy
+from phyai_cache.api import CacheHandle, enable_dit_cache
+from phyai_cache.calibration import calibrate
+from phyai_cache.config import DiTCacheConfig
+from phyai_cache.errors import PhyaiCacheError
+from phyai_cache.strategies import get_strategy
 from .measure import quality, summarize_runs, time_against_uncached, timed_call
 from .sweep import Skipped, SweepEntry, plan_sweep
 from .workload import Workload, reference_workload
 
-logger = logging.getLogger("phyai_cache.bench")
+logger = logging.getLogger("phyai_cache_lab.bench")
 
 SCHEMA = "phyai_cache.bench/1"
 CALIBRATION_SEEDS = (1000,)

@@ -1,6 +1,6 @@
 """Measure the shipped reference model: sample quality, residual drift, sample grid.
 
-Run as ``python -m phyai_cache.reference.evaluate`` after retraining; the
+Run as ``python -m phyai_cache_lab.reference.evaluate`` after retraining; the
 figures in ``docs/reference-model.md`` come from this module.
 
 Why the residual statistic: first-block caches (TeaCache/FBCache/DBCache)
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline
 
-from ..cli_options import add_threads_option, apply_threads
-from ..decision import relative_l1
+from phyai_cache_lab.cli_options import add_threads_option, apply_threads
+from phyai_cache.decision import relative_l1
 from .classifier import agreement, load_classifier
 from .pipeline import NUM_CLASSES, call_kwargs, generate, load_pipeline
 

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DiTCacheConfig, list_presets, load_config
-from ..registry import list_backends
-from ..strategies import Sweep, get_strategy
+from phyai_cache.config import DiTCacheConfig, list_presets, load_config
+from phyai_cache.registry import list_backends
+from phyai_cache.strategies import Sweep, get_strategy
 
 # The grids when a strategy's declaration (StrategySpec.sweep) gives none: multiples of its own
 # default threshold, or these intervals; --quick takes the middle one.

@@ -7,13 +7,13 @@ tell a good cache from a bad one).  Only torch + diffusers are needed here.
 
 Typical use::
 
-    from phyai_cache.reference import load_pipeline, generate, agreement
+    from phyai_cache_lab.reference import load_pipeline, generate, agreement
     pipe = load_pipeline()
     images = generate(pipe, labels=list(range(10)), num_inference_steps=20, seed=0)
     print(agreement(images, list(range(10))))
 
 The video reference model (a tiny trained Wan DiT drawing moving digits, a stock
-``WanPipeline``) lives in :mod:`phyai_cache.reference.video`: ``load_video_pipeline``,
+``WanPipeline``) lives in :mod:`phyai_cache_lab.reference.video`: ``load_video_pipeline``,
 ``generate_video``, ``clip_quality``.
 
 See ``docs/reference-model.md`` for how both were trained and what they measure.

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..api import CacheHandle
-from ..config import DiTCacheConfig, load_config
-from ..requests import Request, Row
-from ..stats import RunStats
+from phyai_cache.api import CacheHandle
+from phyai_cache.config import DiTCacheConfig, load_config
+from phyai_cache.requests import Request, Row
+from phyai_cache.stats import RunStats
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class StepEngine:
         return sum(j.spec.rows for j in self._running) + spec.rows <= self.max_rows
 
     def _admit(self, spec: ServeRequest, now: float) -> None:
-        from .. import reference
+        from phyai_cache_lab import reference
 
         latents, self._image_ids = self.pipe.prepare_latents(
             1, self.transformer.config.in_channels // 4, reference.IMAGE_SIZE, reference.IMAGE_SIZE,

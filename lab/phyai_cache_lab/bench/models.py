@@ -5,7 +5,7 @@
 
 The video workload scores every frame as an image: PSNR and SSIM against the uncached frames,
 classifier agreement per frame with the requested motion undone. Its extra ``metrics`` add the
-temporal checks of :func:`phyai_cache.reference.video.clip_quality` (consecutive-frame PSNR after
+temporal checks of :func:`phyai_cache_lab.reference.video.clip_quality` (consecutive-frame PSNR after
 undoing the motion, motion accuracy), so a cache that makes clips flicker shows up in the rows.
 """
 
@@ -80,7 +80,7 @@ def video_workload(steps: int, batch_size: int = 10, cfg_scale: float | None = N
         agreement=agreement,
         classes=classes,
         metrics=metrics,
-        details={"model": f"phyai_cache.reference.video moving-digits DiT (WanPipeline, {params / 1e6:.2f} M params, "
+        details={"model": f"phyai_cache_lab.reference.video moving-digits DiT (WanPipeline, {params / 1e6:.2f} M params, "
                           f"{frames}x16x16)",
                  "steps": steps, "batch_size": batch_size, "frames_per_clip": frames, "cfg_scale": cfg_scale,
                  "scheduler": "UniPCMultistepScheduler (flow sigmas, shift 3)", "dtype": "float32", "device": "cpu"},
