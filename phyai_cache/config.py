@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import DiTCacheConfigError, did_you_mean
-from .strategies import BACKENDS, STRATEGY_SPECIFIC_FIELDS, get_strategy, strategy_names
+from .strategies import BACKENDS, STRATEGY_SPECIFIC_FIELDS, backend_names, get_strategy, strategy_names
 
 MAX_TAYLORSEER_ORDER = 4
 
@@ -97,7 +97,7 @@ class DiTCacheConfig:
 
     def __post_init__(self) -> None:
         self._set("enabled", _check_bool("enabled", self.enabled))
-        self._set("backend", _check_choice("backend", self.backend, BACKENDS, aliases=_BACKEND_ALIASES))
+        self._set("backend", _check_choice("backend", self.backend, backend_names(), aliases=_BACKEND_ALIASES))
         self._set("strategy", _check_choice("strategy", self.strategy, strategy_names()))
         self._validate_values()
         self._check_strategy_fields()

@@ -1,4 +1,8 @@
-"""The backend registry: which backends exist, what each can serve here, and how ``auto`` chooses."""
+"""The backend registry: which backends exist, what each can serve here, and how ``auto`` chooses.
+
+The shipped backends (``strategies.BUILTIN_BACKENDS``) are registered at import; :func:`register_backend`
+adds another at run time (tests and plug-ins), like ``strategies.register_strategy`` adds a strategy.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .adapters.base import Backend, StrategySupport
-from .config import BACKENDS, DiTCacheConfig
+from .config import DiTCacheConfig
 from .errors import BackendUnavailableError
-from .strategies import get_strategy
+from .strategies import BUILTIN_BACKENDS, add_backend_name, get_strategy, remove_backend_name
 
 logger = logging.getLogger("phyai_cache")
 
@@ -20,10 +24,28 @@ _REGISTRY: dict[str, Backend] = {}
 # lifecycle, CFG handling and stats are our own and its overhead is ours to control.
 
 
-def register_backend(backend: Backend) -> None:
-    if backend.name not in BACKENDS or backend.name == "auto":
-        raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {backend.name!r}")
-    _REGISTRY[backend.name] = backend
+def register_backend(backend: Backend) -> Backend:
+    """Make ``backend`` known to the config schema (``backend: <name>``), to strategy declarations
+    (``backends=(..., <name>)``), ``list_backends()`` and ``resolve_backend``."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"expected a Backend, got {type(backend).__name__}")
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str) or not name.isidentifier() or name == "auto":
+        raise ValueError(f"a backend's name must be an identifier other than 'auto', got {name!r}")
+    if name in _REGISTRY and _REGISTRY[name] is not backend and name not in BUILTIN_BACKENDS:
+        raise ValueError(f"backend {name!r} is already registered")
+    add_backend_name(name)
+    _REGISTRY[name] = backend
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Forget a backend registered at run time (the built-in ones stay); the strategies declared as
+    served by it must be unregistered first."""
+    if name in BUILTIN_BACKENDS:
+        raise ValueError(f"backend {name!r} is built in and cannot be unregistered")
+    remove_backend_name(name)
+    _REGISTRY.pop(name, None)
 
 
 def registered_backends() -> dict[str, Backend]:
@@ -127,9 +149,10 @@ def _register_builtin_backends() -> None:
     only when the backend is used, so phyai deployments without diffusers or cache-dit still work."""
     import importlib
 
-    for module_name, class_name in _BUILTIN_ADAPTERS:
+    for backend_class in BUILTIN_BACKENDS.values():
+        module_name, class_name = backend_class.split(":")
         try:
-            module = importlib.import_module(module_name, __package__)
+            module = importlib.import_module(f".adapters.{module_name}", __package__)
         except ModuleNotFoundError as error:
             if error.name and error.name.startswith(__package__):  # adapter not shipped in this build
                 continue
@@ -137,13 +160,6 @@ def _register_builtin_backends() -> None:
         register_backend(getattr(module, class_name)())
 
 
-_BUILTIN_ADAPTERS = (
-    (".adapters.native", "NativeBackend"),
-    (".adapters.diffusers", "DiffusersBackend"),
-    (".adapters.cache_dit", "CacheDiTBackend"),
-)
-
-
 _register_builtin_backends()
 
-__all__ = ["BackendReport", "list_backends", "register_backend", "resolve_backend"]
+__all__ = ["BackendReport", "list_backends", "register_backend", "resolve_backend", "unregister_backend"]

@@ -4,8 +4,10 @@ Each module in this package declares one :class:`StrategySpec` as ``SPEC`` (peft
 is the model): the unified config fields the strategy uses and their defaults, the values that define
 it, which backends serve it (best first: ``backend="auto"`` tries them in this order) and why the
 others do not, and, when the native engine serves it, how (:class:`NativeMethod`). The config
-schema, the registry, ``list_backends()``, the CLI, the bench sweep and the reliability matrix all
-read these declarations; nothing else lists strategy names.
+schema, the registry, ``list_backends()``, the CLI, the bench sweep (a strategy's grid is its
+:class:`Sweep`), ``tune`` and the reliability matrix all read these declarations; nothing else
+lists strategy names. The backend names a declaration may list are the built-in ones
+(:data:`BUILTIN_BACKENDS`) and those registered with ``phyai_cache.registry.register_backend``.
 
 Adding a strategy the native engine can run is one new module here (docs/extending.md).
 :func:`register_strategy` adds one at run time (tests and plug-ins).
@@ -19,8 +21,37 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Every backend phyai_cache knows, "auto" first (the schema's allowed values for ``backend``).
-BACKENDS: tuple[str, ...] = ("auto", "native", "diffusers", "cache_dit")
+# The backends phyai_cache ships, in the order ``list_backends()`` reports them: name -> the
+# ``module:Class`` of its Backend in ``phyai_cache.adapters`` (the registry imports them at start-up).
+BUILTIN_BACKENDS: dict[str, str] = {
+    "native": "native:NativeBackend",
+    "diffusers": "diffusers:DiffusersBackend",
+    "cache_dit": "cache_dit:CacheDiTBackend",
+}
+# The built-in backend names, "auto" first; backend_names() adds those registered at run time.
+BACKENDS: tuple[str, ...] = ("auto", *BUILTIN_BACKENDS)
+_REGISTERED_BACKENDS: list[str] = []  # by phyai_cache.registry.register_backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend a config may name and a declaration may list, "auto" first."""
+    return (*BACKENDS, *_REGISTERED_BACKENDS)
+
+
+def add_backend_name(name: str) -> None:
+    """Accept ``name`` as a backend (called by ``registry.register_backend``)."""
+    if name not in backend_names():
+        _REGISTERED_BACKENDS.append(name)
+
+
+def remove_backend_name(name: str) -> None:
+    """Forget a backend name added at run time (called by ``registry.unregister_backend``)."""
+    users = [spec.name for spec in _SPECS.values() if name in spec.backends]
+    if users:
+        raise ValueError(f"backend {name!r} still serves strategies {users}: unregister them first")
+    if name in _REGISTERED_BACKENDS:
+        _REGISTERED_BACKENDS.remove(name)
+
 
 # The step-schedule fields (docs/config-reference.md, "Step rules").
 STEP_SCHEDULE = ("warmup_steps", "active_steps", "max_cached_steps", "max_consecutive_cached", "compute_mask")
@@ -75,6 +106,42 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """What the bench sweeps and ``tune`` searches for a strategy.
+
+    knob:
+        ``"threshold"`` or ``"interval"`` (``cache_interval``): the value the bench sweeps and ``tune``
+        bisects.
+    grid, quick:
+        The values the bench sweeps (``quick``: with ``--quick``, enough to exercise every backend in
+        CI). None: the bench's default grid for the knob (multiples of the strategy's default
+        threshold; a few intervals).
+    forecast, quick_forecast:
+        Values swept again with the TaylorSeer forecaster (``taylorseer_order=forecast_order``): it
+        lets a higher threshold keep its quality, and a higher order pays off over a longer interval.
+    native:
+        Settings swept on the native engine only, beside the grid (whole-call skipping, the verified
+        forecaster), so its forms are compared in the same table.
+    search:
+        The structural variants ``tune`` searches, each with its own knob search (fields the strategy
+        does not use are dropped).
+    """
+
+    knob: str
+    grid: tuple[float, ...] | None = None
+    quick: tuple[float, ...] | None = None
+    forecast: tuple[float, ...] = ()
+    quick_forecast: tuple[float, ...] = ()
+    forecast_order: int = 1
+    native: tuple[Mapping[str, Any], ...] = ()
+    search: tuple[Mapping[str, Any], ...] = ({},)
+
+    def __post_init__(self) -> None:
+        if self.knob not in ("threshold", "interval"):
+            raise ValueError(f"Sweep.knob must be 'threshold' or 'interval', got {self.knob!r}")
+
+
+@dataclass(frozen=True)
 class StrategySpec:
     """Everything phyai_cache knows about one strategy, in one place.
 
@@ -99,7 +166,8 @@ class StrategySpec:
         Settings under which a tiny random-weight model really hits the cache (random weights show
         little redundancy): the reliability matrix and backend tests run every strategy with them.
     sweep:
-        What the bench and ``tune`` vary for it: ``"threshold"`` or ``"interval"`` (or None).
+        What the bench sweeps and ``tune`` searches for it (:class:`Sweep`; a knob name alone,
+        ``"threshold"`` or ``"interval"``, sweeps the default grid), or None.
     calibration:
         What ``phyai_cache.calibrate`` measures for it (:class:`Calibration`), if anything.
     """
@@ -114,7 +182,7 @@ class StrategySpec:
     not_served: Mapping[str, str] = field(default_factory=dict)
     native: NativeMethod | None = None
     hit_settings: Mapping[str, Any] = field(default_factory=dict)
-    sweep: str | None = None
+    sweep: Sweep | None = None
     calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
@@ -125,13 +193,20 @@ class StrategySpec:
         unused = [f for f in (*self.defaults, *self.fixed) if f not in self.fields]
         if unused:
             raise ValueError(f"strategy {self.name!r}: defaults/fixed values for fields it does not use: {unused}")
-        bad = [b for b in (*self.backends, *self.not_served) if b not in BACKENDS[1:]]
+        known = backend_names()[1:]
+        bad = [b for b in (*self.backends, *self.not_served) if b not in known]
         if bad or not self.backends:
-            raise ValueError(f"strategy {self.name!r}: backends must be a non-empty subset of {BACKENDS[1:]}")
+            raise ValueError(f"strategy {self.name!r}: backends must be a non-empty subset of {known} "
+                             "(registry.register_backend adds one)")
         if ("native" in self.backends) != (self.native is not None):
             raise ValueError(f"strategy {self.name!r}: a NativeMethod is given exactly when 'native' serves it")
-        if self.sweep not in (None, "threshold", "interval"):
-            raise ValueError(f"strategy {self.name!r}: sweep must be 'threshold', 'interval' or None")
+        if isinstance(self.sweep, str):
+            object.__setattr__(self, "sweep", Sweep(self.sweep))
+        sweep = self.sweep
+        if sweep is not None and not isinstance(sweep, Sweep):
+            raise ValueError(f"strategy {self.name!r}: sweep must be a Sweep, 'threshold', 'interval' or None")
+        if sweep is not None and (sweep.forecast or sweep.quick_forecast) and "taylorseer_order" not in self.fields:
+            raise ValueError(f"strategy {self.name!r}: a forecast sweep needs the field taylorseer_order")
 
     def why_not(self, backend: str) -> str:
         """Why ``backend`` does not serve this strategy."""
@@ -183,5 +258,6 @@ def _load_builtin() -> tuple[str, ...]:
 
 _BUILTIN = _load_builtin()
 
-__all__ = ["BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "all_strategies", "get_strategy", "register_strategy",
+__all__ = ["BACKENDS", "BUILTIN_BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "Sweep", "add_backend_name",
+           "all_strategies", "backend_names", "get_strategy", "register_strategy", "remove_backend_name",
            "strategy_names", "unregister_strategy"]

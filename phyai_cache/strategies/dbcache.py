@@ -5,7 +5,7 @@ The first ``front_blocks`` always run and their residual decides, like fbcache; 
 reuse error. fbcache is its Fn=1, Bn=0 case.
 """
 
-from . import STEP_SCHEDULE, NativeMethod, StrategySpec
+from . import STEP_SCHEDULE, NativeMethod, StrategySpec, Sweep
 from ._options import STREAMS, positive_number
 
 SPEC = StrategySpec(
@@ -17,5 +17,8 @@ SPEC = StrategySpec(
     not_served={"diffusers": "diffusers has no dual-block cache (dbcache: backends native, cache_dit)"},
     native=NativeMethod(measured=True, options={"verify": positive_number, "streams": STREAMS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1, "front_blocks": 1, "back_blocks": 1},
-    sweep="threshold",
+    sweep=Sweep("threshold", grid=(0.2, 0.4), quick=(), forecast=(0.4, 0.5), quick_forecast=(0.4,),
+                search=({"front_blocks": 1, "back_blocks": 1},
+                        {"front_blocks": 1, "back_blocks": 1, "taylorseer_order": 1},
+                        {"front_blocks": 2, "back_blocks": 0, "taylorseer_order": 1})),
 )

@@ -17,7 +17,7 @@ conditional branch decide for both; ``separate_cfg: false`` does that here).
 
 from __future__ import annotations
 
-from . import STEP_SCHEDULE, NativeMethod, StrategySpec
+from . import STEP_SCHEDULE, NativeMethod, StrategySpec, Sweep
 from ._options import boolean
 
 SPEC = StrategySpec(
@@ -30,5 +30,8 @@ SPEC = StrategySpec(
                 "cache_dit": "cache-dit does not implement EasyCache"},
     native=NativeMethod(measured=False, method="easycache:EasyCacheMethod", options={"skip_call": boolean}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
-    sweep="threshold",
+    # An accumulated estimate of the output change (relative L1) over a streak.
+    sweep=Sweep("threshold", grid=(0.1, 0.2, 0.3), quick=(0.2,), forecast=(0.2, 0.4),
+                native=({"threshold": 0.1, "taylorseer_order": 1, "options": {"skip_call": True}},),
+                search=({}, {"taylorseer_order": 1}, {"taylorseer_order": 1, "options": {"skip_call": True}})),
 )

@@ -5,7 +5,7 @@ step is below ``threshold``, the remaining blocks reuse their cached residual. P
 "First Block Cache" (ParaAttention) and the basis of diffusers' FirstBlockCache and Cache-DiT's F1B0.
 """
 
-from . import STEP_SCHEDULE, NativeMethod, StrategySpec
+from . import STEP_SCHEDULE, NativeMethod, StrategySpec, Sweep
 from ._options import STREAMS, positive_number
 
 SPEC = StrategySpec(
@@ -19,5 +19,8 @@ SPEC = StrategySpec(
     backends=("native", "cache_dit", "diffusers"),
     native=NativeMethod(measured=True, options={"verify": positive_number, "streams": STREAMS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
-    sweep="threshold",
+    # Relative L1 of the first block's residual: ~0.1 early, ~0.3 late on the reference model.
+    sweep=Sweep("threshold", grid=(0.1, 0.2, 0.3), quick=(0.2,), forecast=(0.3, 0.4, 0.5), quick_forecast=(0.3,),
+                native=({"threshold": 0.5, "taylorseer_order": 1, "options": {"verify": 0.12}},),
+                search=({}, {"taylorseer_order": 1})),
 )

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import Calibration, NativeMethod, StrategySpec
+from . import Calibration, NativeMethod, StrategySpec, Sweep
 from ._options import boolean, ratios
 
 
@@ -78,6 +78,15 @@ SPEC = StrategySpec(
     native=NativeMethod(measured=False, method="magcache:MagCacheMethod",
                         options={"mag_ratios": ratios, "calibrate": boolean, "skip_call": boolean}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1, "options": {"mag_ratios": [1.0, 1.0]}},
-    sweep="threshold",
+    # Accumulated |1 - prod gamma| with the ratios calibrated on the workload, under the default streak
+    # cap 3; the native engine also skips whole calls, where the forecaster carries longer streaks.
+    sweep=Sweep("threshold", grid=(0.1, 0.2, 0.4), quick=(0.2,), forecast=(0.4, 1.0),
+                native=({"threshold": 1.0, "taylorseer_order": 1, "max_consecutive_cached": 4,
+                         "options": {"skip_call": True}},
+                        {"threshold": 3.0, "taylorseer_order": 2, "max_consecutive_cached": 8,
+                         "options": {"skip_call": True}}),
+                search=({}, {"taylorseer_order": 1},
+                        {"taylorseer_order": 1, "max_consecutive_cached": 4, "options": {"skip_call": True}},
+                        {"taylorseer_order": 2, "max_consecutive_cached": 8, "options": {"skip_call": True}})),
     calibration=Calibration(options=("mag_ratios",), fit=calibrated_options),
 )

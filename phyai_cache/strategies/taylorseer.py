@@ -5,7 +5,7 @@ which) and the steps between forecast the blocks' output with a Taylor expansion
 ``taylorseer_order`` over the computed steps.
 """
 
-from . import NativeMethod, StrategySpec
+from . import NativeMethod, StrategySpec, Sweep
 from ._options import boolean, positive_number
 
 SPEC = StrategySpec(
@@ -18,5 +18,9 @@ SPEC = StrategySpec(
                              "DBCache (strategy 'dbcache' or 'fbcache' with taylorseer_order=k here)"},
     native=NativeMethod(measured=False, options={"verify": positive_number, "skip_call": boolean}),
     hit_settings={"warmup_steps": 1, "taylorseer_order": 1},
-    sweep="interval",
+    # The default intervals; order 2 again at a longer interval, where a higher order helps; the native
+    # engine also skips whole calls.
+    sweep=Sweep("interval", forecast=(4,), forecast_order=2,
+                native=tuple({"cache_interval": n, "options": {"skip_call": True}} for n in (4, 6, 8)),
+                search=({"taylorseer_order": 1}, {"taylorseer_order": 2})),
 )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import STEP_SCHEDULE, Calibration, NativeMethod, StrategySpec
+from . import STEP_SCHEDULE, Calibration, NativeMethod, StrategySpec, Sweep
 from ._options import boolean, choice, coefficients
 
 DEGREE = 4  # TeaCache's polynomial degree
@@ -61,6 +61,8 @@ SPEC = StrategySpec(
                         options={"coefficients": coefficients, "probe": choice("auto", "modulated", "input"),
                                  "calibrate": boolean}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
-    sweep="threshold",
+    # An accumulated estimate of the output change (relative L1) over a streak.
+    sweep=Sweep("threshold", grid=(0.1, 0.2, 0.4), quick=(0.2,), forecast=(0.4,),
+                search=({}, {"taylorseer_order": 1})),
     calibration=Calibration(options=("coefficients",), fit=calibrated_options),
 )

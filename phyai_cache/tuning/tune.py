@@ -45,21 +45,6 @@ from .outputs import CallKwargs, Extract, extract_images
 
 logger = logging.getLogger("phyai_cache.tuning")
 
-# Structural variants tried per strategy; each gets its own knob search. The forecaster usually
-# lets a higher threshold keep the target, so it is tried wherever the strategy accepts it.
-SEARCH_VARIANTS: dict[str, list[dict[str, Any]]] = {
-    "fbcache": [{}, {"taylorseer_order": 1}],
-    "dbcache": [{"front_blocks": 1, "back_blocks": 1}, {"front_blocks": 1, "back_blocks": 1, "taylorseer_order": 1},
-                {"front_blocks": 2, "back_blocks": 0, "taylorseer_order": 1}],
-    "taylorseer": [{"taylorseer_order": 1}, {"taylorseer_order": 2}],
-    # Strategies deciding without front blocks: plain reuse, the forecaster, and (where the decision
-    # is known before the call) whole-call skipping; longer streaks where the forecaster carries them.
-    "magcache": [{}, {"taylorseer_order": 1},
-                 {"taylorseer_order": 1, "max_consecutive_cached": 4, "options": {"skip_call": True}},
-                 {"taylorseer_order": 2, "max_consecutive_cached": 8, "options": {"skip_call": True}}],
-    "easycache": [{}, {"taylorseer_order": 1}, {"taylorseer_order": 1, "options": {"skip_call": True}}],
-    "teacache": [{}, {"taylorseer_order": 1}],
-}
 SAME_BLOCKS_TOLERANCE = 0.005  # compute fractions closer than this count as equal: speed decides
 
 
@@ -170,8 +155,8 @@ def tune(pipe: Any, call_kwargs: CallKwargs | Mapping[str, CallKwargs], *, targe
     worst case counts). ``extract(output)`` returns the images in ``[0, data_range]`` (diffusers
     outputs, PIL/np/pt, by default); ``data_range=None`` uses the uncached output's range.
     ``strategy``: one, several, or None for every threshold/interval strategy ``backend`` serves.
-    ``variants`` overrides :data:`SEARCH_VARIANTS` (applied to each strategy), ``base`` adds fixed
-    fields (e.g. ``{"warmup_steps": 4}``). The search is the bisection described in the module
+    ``variants`` overrides the declarations' ``Sweep.search`` (applied to each strategy), ``base`` adds
+    fixed fields (e.g. ``{"warmup_steps": 4}``). The search is the bisection described in the module
     docstring: thresholds are bracketed by doubling from the strategy default up to
     ``max_threshold``, then the bracket is halved ``iterations`` times. ``margin_db``: calibrate for
     ``target_psnr + margin_db`` (held-out seeds are checked against ``target_psnr``). ``timing_pairs`` interleaved
@@ -265,7 +250,8 @@ def _variants_for(strategy: str, variants: Sequence[Mapping[str, Any]] | None) -
     serve several strategies), and duplicates after dropping are searched once."""
     used = (*get_strategy(strategy).fields, "options", "separate_cfg")
     unique: list[dict[str, Any]] = []
-    for variant in (variants if variants is not None else SEARCH_VARIANTS.get(strategy, [{}])):
+    sweep = get_strategy(strategy).sweep
+    for variant in (variants if variants is not None else sweep.search if sweep is not None else [{}]):
         kept = {k: v for k, v in variant.items() if k in used}
         if kept not in unique:
             unique.append(kept)

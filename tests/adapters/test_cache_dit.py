@@ -22,6 +22,7 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read once, when cache_d
 cache_dit = pytest.importorskip("cache_dit")
 
 import phyai_cache.adapters.cache_dit as adapter_module  # noqa: E402
+import phyai_cache.adapters.cache_dit.model as cache_dit_model  # noqa: E402
 import phyai_cache_lab.testing.families as families  # noqa: E402
 import phyai_cache.lifecycle as lifecycle_module  # noqa: E402
 from snapshots import target_fingerprint  # noqa: E402
@@ -170,13 +171,13 @@ def test_qwenimage21_is_refused_at_enable_and_auto_serves_it(tiny, strategy):
 # enable time now: the models in the adapter's table, and LTX-2, whose second stream is not the block's
 # encoder_hidden_states parameter. Value: the field the refusal names.
 CALL_TIME_FAILURES = {
-    **{f.name: "target" for f in families.FAMILIES if f.model_class in adapter_module._FORWARD_USES_BLOCKS},
+    **{f.name: "target" for f in families.FAMILIES if f.model_class in cache_dit_model._FORWARD_USES_BLOCKS},
     "ltx2": "blocks",
 }
 
 
 def test_the_table_of_models_cache_dit_cannot_run_names_real_families():
-    assert set(adapter_module._FORWARD_USES_BLOCKS) <= {f.model_class for f in families.FAMILIES}
+    assert set(cache_dit_model._FORWARD_USES_BLOCKS) <= {f.model_class for f in families.FAMILIES}
 
 
 @pytest.mark.parametrize("name", sorted(CALL_TIME_FAILURES))
@@ -435,9 +436,9 @@ def test_failure_while_wrapping_the_pipeline_is_rolled_back(untouched, monkeypat
 @pytest.mark.parametrize(
     "settings, field, message",
     [
-        (dict(options={"Fn_compute_blocks": 2}), "options.Fn_compute_blocks", "'front_blocks'"),
-        (dict(options={"residual_diff_threshold": 0.2}), "options.residual_diff_threshold", "'threshold'"),
-        (dict(options={"enable_separate_cfg": True}), "options.enable_separate_cfg", "'separate_cfg'"),
+        (dict(options={"Fn_compute_blocks": 2}), "options.Fn_compute_blocks", "unified field front_blocks"),
+        (dict(options={"residual_diff_threshold": 0.2}), "options.residual_diff_threshold", "unified field threshold"),
+        (dict(options={"enable_separate_cfg": True}), "options.enable_separate_cfg", "unified field separate_cfg"),
         (dict(options={"num_inference_steps": 8}), "options.num_inference_steps", "one call late"),
         (dict(options={"cache_type": "DBPrune"}), "options.cache_type", "DBPrune"),
         (dict(options={"steps_computation_policy": "static"}), "options.steps_computation_policy", "static"),
@@ -605,8 +606,9 @@ def test_version_gating(monkeypatch):
 
 def test_importing_the_adapter_does_not_import_cache_dit():
     """cache_dit is slow to import: only the adapter's methods import it."""
-    tree = ast.parse(Path(adapter_module.__file__).read_text())
-    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
-    names = [alias.name for node in top_level for alias in node.names]
-    modules = [node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)]
-    assert not any(name.startswith("cache_dit") for name in names + modules)
+    for module in sorted(Path(adapter_module.__file__).parent.glob("*.py")):
+        tree = ast.parse(module.read_text())
+        top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        names = [alias.name for node in top_level for alias in node.names]
+        modules = [node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)]
+        assert not any(name.startswith("cache_dit") for name in names + modules), module.name

@@ -65,3 +65,49 @@ def test_presets_are_swept_once_on_the_backend_auto_picks():
         config = load_config(name)
         if config.strategy in ("fbcache", "dbcache", "taylorseer"):
             assert name in presets, name
+
+
+# The points the bench swept when the grids were tables keyed by strategy name in the bench (sweep.py) and
+# tune.py; they moved into the declarations (StrategySpec.sweep) and must sweep the same points.
+# strategy -> (full sweep on the native engine, the native-only forms among them, --quick sweep)
+SWEPT_BEFORE_THE_GRIDS_MOVED = {
+    "dbcache": (["t=0.2", "t=0.4", "t=0.4 o=1", "t=0.5 o=1"], [], ["t=0.4 o=1"]),
+    "easycache": (["t=0.1", "t=0.2", "t=0.3", "t=0.2 o=1", "t=0.4 o=1", "t=0.1 o=1 skip-call"],
+                  ["t=0.1 o=1 skip-call"], ["t=0.2"]),
+    "fbcache": (["t=0.1", "t=0.2", "t=0.3", "t=0.3 o=1", "t=0.4 o=1", "t=0.5 o=1", "t=0.5 o=1 verify=0.12"],
+                ["t=0.5 o=1 verify=0.12"], ["t=0.2", "t=0.3 o=1"]),
+    "magcache": (["t=0.1", "t=0.2", "t=0.4", "t=0.4 o=1", "t=1.0 o=1", "t=1.0 o=1 K=4 skip-call",
+                  "t=3.0 o=2 K=8 skip-call"], ["t=1.0 o=1 K=4 skip-call", "t=3.0 o=2 K=8 skip-call"], ["t=0.2"]),
+    "seacache": (["t=0.125", "t=0.25", "t=0.5"], [], ["t=0.25"]),
+    "taylorseer": (["n=2", "n=3", "n=4", "n=4 o=2", "n=4 skip-call", "n=6 skip-call", "n=8 skip-call"],
+                   ["n=4 skip-call", "n=6 skip-call", "n=8 skip-call"], ["n=3"]),
+    "teacache": (["t=0.1", "t=0.2", "t=0.4", "t=0.4 o=1"], [], ["t=0.2"]),
+    **{name: ([""], [], [""]) for name in ("fastercache", "pab", "textkv")},
+}
+TUNE_SEARCHED_BEFORE_THE_GRIDS_MOVED = {
+    "dbcache": [{"front_blocks": 1, "back_blocks": 1}, {"front_blocks": 1, "back_blocks": 1, "taylorseer_order": 1},
+                {"front_blocks": 2, "back_blocks": 0, "taylorseer_order": 1}],
+    "easycache": [{}, {"taylorseer_order": 1}, {"taylorseer_order": 1, "options": {"skip_call": True}}],
+    "fbcache": [{}, {"taylorseer_order": 1}],
+    "magcache": [{}, {"taylorseer_order": 1},
+                 {"taylorseer_order": 1, "max_consecutive_cached": 4, "options": {"skip_call": True}},
+                 {"taylorseer_order": 2, "max_consecutive_cached": 8, "options": {"skip_call": True}}],
+    "taylorseer": [{"taylorseer_order": 1}, {"taylorseer_order": 2}],
+    "teacache": [{}, {"taylorseer_order": 1}],
+    **{name: [{}] for name in ("fastercache", "pab", "seacache", "textkv")},
+}
+
+
+def _labels(strategy, variants):
+    return [sweep._label(strategy, v).removeprefix(strategy).strip() for v in variants]
+
+
+def test_the_declared_grids_sweep_what_the_bench_swept_before():
+    from phyai_cache.tuning.tune import _variants_for
+
+    for strategy, (full, native_only, quick) in SWEPT_BEFORE_THE_GRIDS_MOVED.items():
+        assert _labels(strategy, strategy_variants(strategy, backend="native")) == full, strategy
+        elsewhere = [label for label in full if label not in native_only]
+        assert _labels(strategy, strategy_variants(strategy, backend="diffusers")) == elsewhere, strategy
+        assert _labels(strategy, strategy_variants(strategy, quick=True, backend="native")) == quick, strategy
+        assert _variants_for(strategy, None) == TUNE_SEARCHED_BEFORE_THE_GRIDS_MOVED[strategy], strategy

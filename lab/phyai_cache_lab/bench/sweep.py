@@ -1,60 +1,26 @@
 """Which configs a benchmark runs: every available backend x strategy of the registry, a few knobs each.
 
 Nothing here names a backend: the sweep iterates :func:`phyai_cache.registry.list_backends`, so a
-backend or strategy registered later is benchmarked without code changes. What is swept follows
-from what a strategy's declaration says to sweep (``StrategySpec.sweep``): thresholds for threshold strategies, intervals
-for scheduled ones, the strategy defaults otherwise. Unavailable backends and strategies are listed
-with the registry's reason instead of being run.
+backend or strategy registered later is benchmarked without code changes. What is swept is what a
+strategy's declaration says (``StrategySpec.sweep``: thresholds or intervals, with and without the
+forecaster, native-only forms), the strategy defaults when it says nothing. Unavailable backends and
+strategies are listed with the registry's reason instead of being run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from phyai_cache.config import DiTCacheConfig, list_presets, load_config
 from phyai_cache.registry import list_backends
-from phyai_cache.strategies import get_strategy
+from phyai_cache.strategies import Sweep, get_strategy
 
-# Threshold grids for the strategies whose threshold scale we know (relative L1 of the decision
-# residual: ~0.1 early, ~0.3 late on the reference model). Other threshold strategies get
-# multiples of their own default, so new ones are swept sensibly without an entry here.
-THRESHOLDS: dict[str, tuple[float, ...]] = {
-    "fbcache": (0.1, 0.2, 0.3),
-    "dbcache": (0.2, 0.4),
-    # accumulated estimates of the output change (relative L1) over a streak
-    "easycache": (0.1, 0.2, 0.3),
-    "teacache": (0.1, 0.2, 0.4),
-    # accumulated |1 - prod gamma| with the ratios calibrated on the workload; the default streak cap 3
-    "magcache": (0.1, 0.2, 0.4),
-}
-# The TaylorSeer forecaster lets a higher threshold keep its quality, so it is swept higher.
-FORECAST_THRESHOLDS: dict[str, tuple[float, ...]] = {
-    "fbcache": (0.3, 0.4, 0.5),
-    "dbcache": (0.4, 0.5),
-    "easycache": (0.2, 0.4),
-    "teacache": (0.4,),
-    "magcache": (0.4, 1.0),
-}
-# Native-only forms, compared with the rows above in the same table: whole-call skipping
-# (options.skip_call: a cached step runs nothing of the model) against the block-level form at equal
-# schedules, and the verified forecaster (options.verify) against the unverified one.
-NATIVE_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
-    "taylorseer": tuple({"cache_interval": n, "options": {"skip_call": True}} for n in (4, 6, 8)),
-    "magcache": ({"threshold": 1.0, "taylorseer_order": 1, "max_consecutive_cached": 4, "options": {"skip_call": True}},
-                 {"threshold": 3.0, "taylorseer_order": 2, "max_consecutive_cached": 8, "options": {"skip_call": True}}),
-    "easycache": ({"threshold": 0.1, "taylorseer_order": 1, "options": {"skip_call": True}},),
-    "fbcache": ({"threshold": 0.5, "taylorseer_order": 1, "options": {"verify": 0.12}},),
-}
+# The grids when a strategy's declaration (StrategySpec.sweep) gives none: multiples of its own
+# default threshold, or these intervals; --quick takes the middle one.
 DEFAULT_MULTIPLIERS = (0.5, 1.0, 2.0)
 INTERVALS = (2, 3, 4)
-HIGH_ORDER_INTERVALS = (4,)  # taylorseer_order 2: a longer forecast is where a higher order helps
-
-# --quick: one or two points per strategy, enough to exercise every backend in CI.
-QUICK_THRESHOLDS: dict[str, tuple[float, ...]] = {"fbcache": (0.2,), "dbcache": (), "easycache": (0.2,),
-                                                  "teacache": (0.2,), "magcache": (0.2,)}
-QUICK_FORECAST_THRESHOLDS: dict[str, tuple[float, ...]] = {"fbcache": (0.3,), "dbcache": (0.4,)}
 QUICK_INTERVALS = (3,)
 
 
@@ -131,36 +97,29 @@ def _grouped(entries: list[SweepEntry]) -> list[SweepEntry]:
 
 
 def strategy_variants(strategy: str, quick: bool = False, backend: str | None = None) -> list[dict[str, Any]]:
-    """The knob settings swept for ``strategy``: what its declaration says to sweep (plus, on the
-    native engine, its native-only forms)."""
+    """The knob settings swept for ``strategy``: the grid its declaration gives (plus, on the native
+    engine, its native-only forms)."""
     spec = get_strategy(strategy)
-    if spec.sweep == "threshold":
-        variants = _threshold_variants(strategy, spec.fields, quick)
-    elif spec.sweep == "interval":
-        variants = _interval_variants(spec.fields, quick)
-    else:
+    sweep = spec.sweep
+    if sweep is None:
         return [{}]  # nothing to sweep: the strategy's defaults
+    knob = "threshold" if sweep.knob == "threshold" else "cache_interval"
+    variants: list[dict[str, Any]] = [{knob: v} for v in _grid(sweep, spec.defaults.get("threshold"), quick)]
+    variants += [{knob: v, "taylorseer_order": sweep.forecast_order}
+                 for v in (sweep.quick_forecast if quick else sweep.forecast)]
     if backend == "native" and not quick:
-        variants += [dict(v) for v in NATIVE_VARIANTS.get(strategy, ())]
+        variants += [dict(v) for v in sweep.native]
     return variants
 
 
-def _threshold_variants(strategy: str, used: Iterable[str], quick: bool) -> list[dict[str, Any]]:
-    default = get_strategy(strategy).defaults.get("threshold") or 0.1
-    fallback = tuple(round(default * m, 4) for m in DEFAULT_MULTIPLIERS)
-    plain = (QUICK_THRESHOLDS if quick else THRESHOLDS).get(strategy, fallback[1:2] if quick else fallback)
-    variants: list[dict[str, Any]] = [{"threshold": t} for t in plain]
-    if "taylorseer_order" in used:
-        forecast = (QUICK_FORECAST_THRESHOLDS if quick else FORECAST_THRESHOLDS).get(strategy, ())
-        variants += [{"threshold": t, "taylorseer_order": 1} for t in forecast]
-    return variants
-
-
-def _interval_variants(used: Iterable[str], quick: bool) -> list[dict[str, Any]]:
-    variants: list[dict[str, Any]] = [{"cache_interval": n} for n in (QUICK_INTERVALS if quick else INTERVALS)]
-    if "taylorseer_order" in used and not quick:
-        variants += [{"cache_interval": n, "taylorseer_order": 2} for n in HIGH_ORDER_INTERVALS]
-    return variants
+def _grid(sweep: Sweep, default_threshold: float | None, quick: bool) -> tuple[float, ...]:
+    grid = sweep.quick if quick else sweep.grid
+    if grid is not None:
+        return grid
+    if sweep.knob == "interval":
+        return QUICK_INTERVALS if quick else INTERVALS
+    fallback = tuple(round((default_threshold or 0.1) * m, 4) for m in DEFAULT_MULTIPLIERS)
+    return fallback[1:2] if quick else fallback
 
 
 def _label(strategy: str, overrides: Mapping[str, Any]) -> str:

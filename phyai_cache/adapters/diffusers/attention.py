@@ -29,9 +29,42 @@ import torch
 
 from ..._patch import InstancePatch
 from ...decision import cache_gap
+from ...errors import DiTCacheConfigError
 from ...runtime import CallInfo, RunState
+from ...strategies._options import Check, OptionRules, number, optional, patterns, positive_int
 from .driver import DiffusersRunState, Driver, hook_internals_error
 from .model import TimestepReader, attention_classes, attention_module_names
+
+
+def _timestep_range(label: str, value: Any) -> tuple[float, float]:
+    allowed = "[low, high] in timestep units (0..1000), low < high; skipping happens for low < t < high"
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise DiTCacheConfigError(label, value, allowed)
+    low, high = (number(label, v) for v in value)
+    if not low < high:
+        raise DiTCacheConfigError(label, value, allowed)
+    return (low, high)
+
+
+def _constant_weight(label: str, value: Any) -> Any:
+    weight = number(label, value)
+    return lambda _module: weight
+
+
+def _attention_options(*kinds: str) -> dict[str, Check]:
+    """The per-kind fields PAB and FasterCache share: which blocks, at which timesteps, every how many."""
+    return {
+        **{f"{kind}_attention_block_skip_range": optional(positive_int) for kind in kinds},
+        **{f"{kind}_attention_timestep_skip_range": _timestep_range for kind in kinds},
+        **{f"{kind}_attention_block_identifiers": patterns for kind in kinds},
+    }
+
+
+_TIMESTEP_SOURCE = ("phyai_cache supplies it: the pipeline's current timestep (or the transformer call's "
+                    "timestep argument), and none outside active_steps")
+_CFG_CACHE = ("FasterCache's CFG cache approximates the unconditional half of a batched [uncond, cond] call; "
+              "phyai_cache runs FasterCache's attention reuse per CFG branch (is_guidance_distilled=True), "
+              "which works with separate and batched CFG calls alike")
 
 
 class AttentionReuseDriver(Driver):
@@ -86,8 +119,6 @@ class AttentionReuseDriver(Driver):
         return module is not self.installation.transformer
 
     def no_op_error(self, transformer: torch.nn.Module) -> Exception:
-        from ...errors import DiTCacheConfigError
-
         names = attention_module_names(transformer)
         return DiTCacheConfigError(
             f"options.{self.identifiers_option}",
@@ -137,6 +168,8 @@ class AttentionReuseDriver(Driver):
 
 class PyramidAttentionBroadcastDriver(AttentionReuseDriver):
     strategy = "pab"
+    option_rules = OptionRules(checks=_attention_options("spatial", "temporal", "cross"),
+                               refused={"current_timestep_callback": _TIMESTEP_SOURCE})
 
     def build_config(self) -> Any:
         from diffusers.hooks.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
@@ -153,6 +186,17 @@ class PyramidAttentionBroadcastDriver(AttentionReuseDriver):
 
 class FasterCacheDriver(AttentionReuseDriver):
     strategy = "fastercache"
+    option_rules = OptionRules(
+        checks={**_attention_options("spatial", "temporal"),
+                "attention_weight_callback": _constant_weight},  # a number: the constant weight
+        refused={"current_timestep_callback": _TIMESTEP_SOURCE,
+                 **{name: _CFG_CACHE for name in (
+                     "is_guidance_distilled", "tensor_format", "unconditional_batch_skip_range",
+                     "unconditional_batch_timestep_skip_range", "low_frequency_weight_update_timestep_range",
+                     "high_frequency_weight_update_timestep_range", "alpha_low_frequency", "alpha_high_frequency",
+                     "low_frequency_weight_callback", "high_frequency_weight_callback",
+                     "_unconditional_conditional_input_kwargs_identifiers")}},
+    )
 
     def build_config(self) -> Any:
         from diffusers.hooks.faster_cache import FasterCacheConfig

@@ -1,4 +1,7 @@
-"""The per-strategy part of the diffusers adapter: which config to apply and how to steer its hooks."""
+"""The per-strategy part of the diffusers adapter: one :class:`Driver` subclass per strategy, in a module
+of its own, holds everything about it — the options it accepts, the unified settings it cannot honour,
+what its hooks need of the model's blocks, which config to apply and how to steer its hooks.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from ...config import DiTCacheConfig
 from ...decision import BranchCounters, SharedDecisions, StepRules
 from ...errors import DiTCacheConfigError
 from ...runtime import CallInfo, RunState
+from ...strategies._options import OptionRules
+from .model import BlockHooks
 
 if TYPE_CHECKING:
     from .install import DiffusersInstallation
@@ -29,10 +34,27 @@ class DiffusersRunState:
 
 
 class Driver:
-    """Base class: one per strategy. ``diffusers_config`` is built (and so validated) at prepare time."""
+    """Base class: one per strategy. ``diffusers_config`` is built (and so validated) at prepare time.
+
+    option_rules:
+        The ``options`` it accepts (fields of its diffusers config), the fields a unified field already
+        sets, and the ones phyai_cache sets itself; checked against the installed config class.
+    block_hooks:
+        What its hooks need of the model's blocks (:class:`~.model.BlockHooks`, checked at enable), when
+        they skip whole blocks; None when they touch attention modules only.
+    no_forecaster:
+        Why ``taylorseer_order`` cannot be honoured (and who serves it), when the cache has no forecaster.
+    per_branch_state:
+        Why a decision shared across CFG branches (``separate_cfg: false``) cannot be imposed on it,
+        when it cannot.
+    """
 
     strategy: str = ""
     uses_context = False  # hook state keyed by diffusers' cache_context name
+    option_rules = OptionRules()
+    block_hooks: BlockHooks | None = None
+    no_forecaster: str | None = None
+    per_branch_state: str | None = None
 
     def __init__(self, config: DiTCacheConfig, options: dict[str, Any], model_class: str) -> None:
         self.config = config
@@ -41,6 +63,19 @@ class Driver:
         self.rules = StepRules(config)
         self.installation: DiffusersInstallation | None = None
         self.diffusers_config = self.build_config()
+
+    @classmethod
+    def check_config(cls, config: DiTCacheConfig) -> None:
+        """Refuse unified settings this diffusers cache cannot honour, naming who can (before anything
+        is built). Drivers add their own checks and call this one last."""
+        if cls.no_forecaster is not None and config.taylorseer_order is not None:
+            raise DiTCacheConfigError(
+                "taylorseer_order", config.taylorseer_order, f"null for {cls.strategy} on backend 'diffusers'",
+                hint=cls.no_forecaster)
+        if cls.per_branch_state is not None and config.separate_cfg is False:
+            raise DiTCacheConfigError(
+                "separate_cfg", False, f"true or 'auto' for {cls.strategy} on backend 'diffusers'",
+                hint=f"{cls.per_branch_state}; a decision shared across branches cannot be imposed on it")
 
     def build_config(self) -> Any:
         raise NotImplementedError

@@ -21,12 +21,24 @@ from typing import Any
 import torch
 
 from ...decision import cache_gap, decide, relative_l1
+from ...strategies._options import OptionRules
 from .driver import Driver, hook_internals_error
+from .model import BlockHooks
 
 
 class FirstBlockCacheDriver(Driver):
     strategy = "fbcache"
     uses_context = True
+    option_rules = OptionRules(unified={"threshold": "threshold"})
+    block_hooks = BlockHooks(
+        min_blocks=2,  # diffusers' FirstBlockCache pops a head and a tail block
+        # its tail subtracts the head output it stored: a TypeError, or silently the wrong thing; a tail
+        # without encoder output breaks SD3-style lists
+        head_tail_failure="diffusers' FirstBlockCache fails on it (diffusers #14280)",
+        literal_arguments=("hidden_states", "encoder_hidden_states"),
+    )
+    no_forecaster = ("diffusers' FirstBlockCache reuses the residual as is and has no forecaster; backend "
+                     "'native' serves fbcache with taylorseer_order, or use strategy 'taylorseer' here")
 
     def build_config(self) -> Any:
         from diffusers.hooks.first_block_cache import FirstBlockCacheConfig

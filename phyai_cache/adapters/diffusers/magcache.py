@@ -19,8 +19,10 @@ from typing import Any
 
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo, RunState
+from ...strategies._options import OptionRules, boolean, ratios
 from ...strategies.magcache import ratios_for_steps
 from .driver import DiffusersRunState, Driver, hook_internals_error
+from .model import BlockHooks
 
 # Models whose published magnitude ratios diffusers ships (calibrated on FLUX.1-dev).
 _SHIPPED_RATIOS = {"FluxTransformer2DModel": "FLUX_MAG_RATIOS"}
@@ -48,6 +50,18 @@ def require_ratios(model_class: str, options: dict[str, Any]) -> None:
 class MagCacheDriver(Driver):
     strategy = "magcache"
     uses_context = True
+    option_rules = OptionRules(
+        # mag_ratios in the form the native engine takes (one list, or one per step count), so one
+        # calibrated preset serves both backends; _config_kwargs picks the list of each run's step count
+        checks={"mag_ratios": ratios, "calibrate": boolean},
+        unified={"threshold": "threshold", "max_skip_steps": "max_consecutive_cached",
+                 "retention_ratio": "warmup_steps (or the start of active_steps)"},
+        refused={"num_inference_steps": "phyai_cache sets it from each run's real step count"},
+    )
+    block_hooks = BlockHooks(literal_arguments=("encoder_hidden_states",))
+    no_forecaster = ("diffusers' MagCache reuses the residual as is; backend 'native' serves magcache with a "
+                     "TaylorSeer forecaster")
+    per_branch_state = "MagCache accumulates its error budget per CFG branch"
 
     def __init__(self, config: Any, options: dict[str, Any], model_class: str) -> None:
         require_ratios(model_class, options)

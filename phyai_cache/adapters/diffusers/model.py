@@ -10,6 +10,7 @@ detected here so enabling fails instead, with the target untouched.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,23 +42,43 @@ def diffusers_block_lists(transformer: torch.nn.Module) -> list[tuple[str, torch
             if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList)]
 
 
-def check_block_cache(transformer: torch.nn.Module, strategy: str) -> list[str]:
-    """Refuse models on which diffusers' FirstBlockCache / MagCache would fail; returns the block names."""
+@dataclass(frozen=True)
+class BlockHooks:
+    """What a diffusers block-level cache (its hooks skip whole blocks) needs of the model's blocks.
+
+    min_blocks:
+        Blocks it needs in diffusers-named block lists (FirstBlockCache pops a head and a tail block).
+    head_tail_failure:
+        When it stores the residual from the first block's input to the last block's output, what goes
+        wrong if the head and the tail return different streams (Flux2: a double-stream head on the
+        image tokens, a single-stream tail on text + image tokens); None when that does not matter.
+    literal_arguments:
+        The block arguments its hooks look up by these literal names rather than by the names
+        diffusers' block registry declares (Kandinsky5 and Cosmos3 declare others); blocks that do not
+        return the encoder stream are not checked for ``encoder_hidden_states``.
+    """
+
+    min_blocks: int = 1
+    head_tail_failure: str | None = None
+    literal_arguments: tuple[str, ...] = ()
+
+
+def check_block_cache(transformer: torch.nn.Module, strategy: str, needs: BlockHooks) -> list[str]:
+    """Refuse models on which a diffusers block-level cache would fail; returns the block names."""
     blocks = [(f"{name}.{i}", block) for name, blocks in diffusers_block_lists(transformer)
               for i, block in enumerate(blocks)]
     model = type(transformer).__name__
-    minimum = 2 if strategy == "fbcache" else 1  # diffusers' FBC pops a head and a tail block
-    if len(blocks) < minimum:
+    if len(blocks) < needs.min_blocks:
         raise DiTCacheConfigError(
-            "target", f"<{model}>", f"a model with at least {minimum} blocks in diffusers-named block lists",
+            "target", f"<{model}>", f"a model with at least {needs.min_blocks} blocks in diffusers-named block lists",
             hint=f"diffusers' {strategy} hooks direct ModuleList children named blocks / transformer_blocks / "
                  f"single_transformer_blocks / layers / ...; {model} has {len(blocks)}; {NATIVE_HINT}",
         )
     metadata = [_block_metadata(name, block, model) for name, block in blocks]
-    if strategy in _HEAD_TAIL_FAILURES:
-        _check_head_and_tail_streams(blocks, metadata, model, strategy)
-    if strategy != "seacache":  # SeaCache looks arguments up by the names the registry declares
-        _check_argument_names(blocks, metadata, model, strategy)
+    if needs.head_tail_failure is not None:
+        _check_head_and_tail_streams(blocks, metadata, model, needs.head_tail_failure)
+    if needs.literal_arguments:
+        _check_argument_names(blocks, metadata, model, strategy, needs.literal_arguments)
     return [name for name, _ in blocks]
 
 
@@ -73,44 +94,29 @@ def _block_metadata(name: str, block: torch.nn.Module, model: str) -> Any:
         ) from None
 
 
-# The caches that store the residual from the first block's input to the last block's output: a head
-# and a tail that return different streams break them (Flux2: a double-stream head on the image
-# tokens, a single-stream tail on text + image tokens).
-_HEAD_TAIL_FAILURES = {
-    # FBC's tail subtracts the head output it stored: a TypeError, or silently the wrong thing; a tail
-    # without encoder output breaks SD3-style lists.
-    "fbcache": "diffusers' FirstBlockCache fails on it (diffusers #14280)",
-    # SeaCache records the residual only when the tail's output matches the head's input (shape and
-    # streams): it never does, so every step it would cache runs in full ("fails open").
-    "seacache": "diffusers' SeaCache never records a residual between them, so it would cache no step",
-}
-
-
 def _check_head_and_tail_streams(blocks: list[tuple[str, torch.nn.Module]], metadata: list[Any], model: str,
-                                 strategy: str) -> None:
+                                 failure: str) -> None:
     head_has_encoder = metadata[0].return_encoder_hidden_states_index is not None
     tail_has_encoder = metadata[-1].return_encoder_hidden_states_index is not None
     if head_has_encoder != tail_has_encoder:
         raise DiTCacheConfigError(
             "target", f"<{model}>", "a model whose first and last blocks return the same streams",
             hint=f"{blocks[0][0]} {'returns' if head_has_encoder else 'does not return'} encoder states but "
-                 f"{blocks[-1][0]} {'does' if tail_has_encoder else 'does not'}; {_HEAD_TAIL_FAILURES[strategy]}; "
-                 f"{NATIVE_HINT}",
+                 f"{blocks[-1][0]} {'does' if tail_has_encoder else 'does not'}; {failure}; {NATIVE_HINT}",
         )
 
 
+_DECLARED_NAME = {"hidden_states": "hidden_states_argument_name",
+                  "encoder_hidden_states": "encoder_hidden_states_argument_name"}
+
+
 def _check_argument_names(blocks: list[tuple[str, torch.nn.Module]], metadata: list[Any], model: str,
-                          strategy: str) -> None:
-    # FirstBlockCache looks the arguments up by the literal names hidden_states/encoder_hidden_states
-    # (MagCache: only the encoder one), not by the names the block registry declares (Kandinsky5, Cosmos3).
+                          strategy: str, literals: tuple[str, ...]) -> None:
     for (name, block), meta in zip(blocks, metadata):
-        expected = []
-        if strategy == "fbcache":
-            expected.append(("hidden_states", getattr(meta, "hidden_states_argument_name", "hidden_states")))
-        if meta.return_encoder_hidden_states_index is not None:
-            expected.append(("encoder_hidden_states",
-                             getattr(meta, "encoder_hidden_states_argument_name", "encoder_hidden_states")))
-        for literal, declared in expected:
+        for literal in literals:
+            if literal == "encoder_hidden_states" and meta.return_encoder_hidden_states_index is None:
+                continue
+            declared = getattr(meta, _DECLARED_NAME[literal], literal)
             if declared != literal:
                 raise DiTCacheConfigError(
                     "target", f"<{model}>", f"blocks whose argument is named {literal!r}",

@@ -33,16 +33,39 @@ from typing import Any
 
 import torch
 
-from ...errors import CacheStateError
 from ...calls import CallSignature
+from ...config import DiTCacheConfig
+from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo, RunState
+from ...strategies._options import OptionRules, positive_number
 from .driver import DiffusersRunState, Driver
-from .model import TimestepReader
+from .model import BlockHooks, TimestepReader
 
 
 class SeaCacheDriver(Driver):
     strategy = "seacache"
     uses_context = True
+    option_rules = OptionRules(
+        checks={"power_exp": positive_number},
+        unified={"threshold": "threshold", "residual_order": "taylorseer_order",
+                 "retention_steps": "warmup_steps (or the start of active_steps)",
+                 "cache_end_steps": "active_steps (its end)", "max_consecutive_cached": "max_consecutive_cached"},
+        refused={"raw_vision_callback": "phyai_cache supplies it: the call's latents as (C, T, H, W) per sample "
+                                        "(diffusers' own reader for Wan T2V and Cosmos 3)"},
+    )
+    # SeaCache looks the block arguments up by the names the registry declares; it records the residual
+    # only when the tail's output matches the head's input (shape and streams)
+    block_hooks = BlockHooks(
+        head_tail_failure="diffusers' SeaCache never records a residual between them, so it would cache no step")
+    per_branch_state = "diffusers' seacache keeps its state per CFG branch"
+
+    @classmethod
+    def check_config(cls, config: DiTCacheConfig) -> None:
+        if config.taylorseer_order not in (None, 0, 1):
+            raise DiTCacheConfigError(
+                "taylorseer_order", config.taylorseer_order, "0 or 1 for seacache on backend 'diffusers'",
+                hint="diffusers' SeaCache reuses (0) or linearly extrapolates (1) the residual")
+        super().check_config(config)
 
     def build_config(self) -> Any:
         from diffusers.hooks.sea_cache import SeaCacheConfig

@@ -22,15 +22,30 @@ import torch
 from ...decision import cache_gap
 from ...errors import DiTCacheConfigError
 from ...runtime import CallInfo
+from ...strategies._options import OptionRules, boolean, optional, patterns
 from .driver import DiffusersRunState, Driver, hook_internals_error
 from .model import attention_module_names
 
 FORECAST = "forecast"
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(label: str, value: Any) -> Any:
+    if value not in _DTYPES:
+        raise DiTCacheConfigError(label, value, ", ".join(_DTYPES))
+    return getattr(torch, value)
 
 
 class TaylorSeerDriver(Driver):
     strategy = "taylorseer"
     uses_context = True
+    option_rules = OptionRules(
+        checks={"taylor_factors_dtype": _dtype, "cache_identifiers": optional(patterns),
+                "skip_predict_identifiers": optional(patterns), "use_lite_mode": boolean},
+        unified={"max_order": "taylorseer_order", "cache_interval": "cache_interval",
+                 "disable_cache_before_step": "warmup_steps (or the start of active_steps)",
+                 "disable_cache_after_step": "active_steps (its end)"},
+    )
 
     def build_config(self) -> Any:
         from diffusers.hooks.taylorseer_cache import TaylorSeerCacheConfig

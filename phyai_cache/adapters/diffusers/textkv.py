@@ -25,6 +25,7 @@ from .driver import DiffusersRunState, Driver
 class TextKVCacheDriver(Driver):
     strategy = "textkv"
     uses_context = True  # one K/V cache per CFG branch (the prompt's tensor is the key within it)
+    per_branch_state = "diffusers' textkv keeps its state per CFG branch"
 
     def build_config(self) -> Any:
         from diffusers.hooks.text_kv_cache import TextKVCacheConfig
