@@ -166,11 +166,11 @@ def suspended(lifecycle: Any, operation: str) -> Iterator[None]:
     """The target exactly as before enabling for the duration; the cache is put back afterwards."""
     target = lifecycle.target
     name = type(target.pipeline if target.pipeline is not None else target.transformer).__name__
-    if lifecycle.run_state is not None or lifecycle.open_requests:
+    if lifecycle.run_state is not None or lifecycle.requests.open_ids:
         raise CacheStateError(
             f"{operation} of a cache-enabled {name} while a run or a request is in progress is refused: the copy "
             "would be taken half-way through a generation. Copy it between runs (the copy comes out uncached)")
-    with lifecycle._lock:
+    with lifecycle.requests.lock:
         handles = {id(obj): obj.__dict__.pop(HANDLE_ATTR) for obj in target.objects if HANDLE_ATTR in obj.__dict__}
         remove(lifecycle)
         try:
