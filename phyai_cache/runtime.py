@@ -90,10 +90,6 @@ class RunState:
         self._branch_steps[branch] = step + 1
         return CallInfo(run=self, branch=branch, step=step, args=args, kwargs=kwargs, rows=rows)
 
-    def steps_of(self, branch: str) -> int:
-        """How many calls of ``branch`` this run has made."""
-        return self._branch_steps.get(branch, 0)
-
     def undo_call(self, call: CallInfo) -> None:
         """Take back the step ``call`` counted (its transformer call failed and is to be retried)."""
         self._branch_steps[call.branch] = call.step
