@@ -7,7 +7,7 @@ blocks always run), both optionally with a TaylorSeer forecaster (``taylorseer_o
 forecast between). It is also the engine that serves requests with their own configs and
 step-level batches with per-row decisions (docs/serving.md), and the one that serves models spread
 over several processes (docs/distributed.md: the statistic is reduced over the model's group). See
-:mod:`.chain` for the mechanism, :mod:`.policy` for what is reused, and phyai_cache/decision.py for
+:mod:`.chain` for the mechanism, :mod:`.history` for what is reused, and phyai_cache/decision.py for
 the decision.
 """
 

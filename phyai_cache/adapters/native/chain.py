@@ -56,7 +56,7 @@ from ...strategies import get_strategy
 from ...graphs import refuse_capture
 from ..base import Installation
 from .method import Method, StepInputs
-from .policy import BranchCache, ResidualHistory
+from .history import BranchCache, ResidualHistory
 from .wholecall import check_latent_parameter, run_whole_call, run_whole_call_rows
 
 

@@ -35,7 +35,7 @@ from ...decision import cache_gap, cache_key, call_modes, decide
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo, TransformerCall
 from .method import StepInputs
-from .policy import ResidualHistory
+from .history import ResidualHistory
 
 if TYPE_CHECKING:
     from .chain import ChainInstallation, Group
