@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ._patch import ClassSwap, InstancePatch, UndoStack, in_forward_chain
-from .adapters.base import Installation
+from .adapters.base import Installation, Plan
 from .config import DiTCacheConfig
 from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, DistributedCacheError
 from .graphs import refuse_capture
@@ -76,7 +76,7 @@ class Lifecycle:
         self._context_name: str | None = None
         self._undo = UndoStack()
         self._warned_outside_run = False
-        self.plan: Any = None  # the backend's plan, to put the cache back after a copy (objects.py)
+        self.installed_plan: Plan | None = None  # what was installed, to put the cache back after a copy (objects.py)
         self.footprint: Any = None  # what the cache is installed on, checked at every run start (objects.py)
 
     def check_target(self, operation: str) -> None:
@@ -186,7 +186,7 @@ class Lifecycle:
                 f"per-call configs, requests and step-level batches need backend 'native'; this cache runs on "
                 f"{self.backend!r}, which takes one decision per transformer call for the whole batch and keeps "
                 "its state per model, not per request. Enable with backend='native' (or 'auto' for a native strategy)")
-        self.installation.plan_for(config)
+        self.installation.check_config(config)
 
     @contextlib.contextmanager
     def override(self, config: DiTCacheConfig) -> Iterator[None]:

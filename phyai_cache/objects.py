@@ -75,7 +75,7 @@ def install(lifecycle: Any, plan: Any) -> None:
             installation.remove()
             raise
         try:
-            lifecycle.plan = plan
+            lifecycle.installed_plan = plan
             lifecycle.footprint = Footprint(target, before)
             _install_copy_guards(lifecycle)
         except BaseException:
@@ -176,7 +176,7 @@ def suspended(lifecycle: Any, operation: str) -> Iterator[None]:
         try:
             yield
         finally:
-            install(lifecycle, lifecycle.plan)
+            install(lifecycle, lifecycle.installed_plan)
             for obj in target.objects:
                 if id(obj) in handles:
                     obj.__dict__[HANDLE_ATTR] = handles[id(obj)]

@@ -54,7 +54,8 @@ class CallInfo:
     decision: str | None = None
     reason: str = ""
     diff: float | None = None
-    scratch: Any = None  # the backend's per-call working state
+    scratch: Any = None  # the backend's per-call working state (the diffusers drivers')
+    decided: Decision | None = None  # taken before the call (native options.skip_call): the blocks obey it
     args: tuple = ()  # the transformer call's own arguments (references, not copies)
     kwargs: dict[str, Any] | None = None
     rows: slice = field(default_factory=lambda: ALL_ROWS)  # its rows of a step-level batch; else all
