@@ -112,6 +112,10 @@ class Lifecycle:
 
         self._undo.push(restore)
 
+    def patch_until_removed(self, obj: Any, name: str, value: Any) -> None:
+        """Set ``obj.name`` to ``value`` until the cache is removed (objects.py's copy guards)."""
+        self._undo.patch(obj, name, value)
+
     def uninstall(self) -> None:
         if self.run_state is not None:
             raise CacheStateError("cannot disable the cache while a run is in progress")
@@ -129,6 +133,16 @@ class Lifecycle:
 
     def current_forward(self) -> TransformerCall | None:
         return self._forward
+
+    @contextlib.contextmanager
+    def forward_unseen_by_blocks(self) -> Iterator[None]:
+        """The block wrappers see no current forward inside (they pass through): for a forward that
+        was decided before its blocks run (phyai's graph runner: eagerly, captured, or replayed)."""
+        saved, self._forward = self._forward, None
+        try:
+            yield
+        finally:
+            self._forward = saved
 
     # -- run and branch scopes ----------------------------------------------------------------
 

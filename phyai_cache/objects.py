@@ -216,8 +216,8 @@ def _install_copy_guards(lifecycle: Any) -> None:
     target = lifecycle.target
     modules = {id(m): m for m in [target.transformer, *lifecycle.footprint.modules]}
     for module in modules.values():
-        lifecycle._undo.patch(module, "__deepcopy__", _deepcopy_guard(lifecycle, module))
-        lifecycle._undo.patch(module, "__reduce_ex__", _reduce_guard(lifecycle, module))
+        lifecycle.patch_until_removed(module, "__deepcopy__", _deepcopy_guard(lifecycle, module))
+        lifecycle.patch_until_removed(module, "__reduce_ex__", _reduce_guard(lifecycle, module))
     if target.pipeline is not None:
         # The pipeline already has a class of its own (lifecycle.ClassSwap), dropped on disable.
         subclass = type(target.pipeline)
