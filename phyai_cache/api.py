@@ -133,7 +133,7 @@ class CacheHandle:
     @property
     def open_requests(self) -> list[str]:
         """Ids of the requests open on this handle."""
-        return self._lifecycle.open_requests if self._lifecycle is not None else []
+        return self._lifecycle.requests.open_ids if self._lifecycle is not None else []
 
     @property
     def cache_bytes(self) -> int | None:

@@ -22,20 +22,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import itertools
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ._patch import ClassSwap, InstancePatch, UndoStack, in_forward_chain
-from .adapters.base import Installation
+from .adapters.base import Installation, Plan
 from .config import DiTCacheConfig
 from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, DistributedCacheError
 from .graphs import refuse_capture
-from .requests import Request, Row, RowLike, check_steps, check_usable, normalize_rows
+from .requests import Request, RequestTable, Row, RowLike, check_steps
 from .runtime import CacheTarget, CallInfo, RunState, TransformerCall
 from .stats import BatchStats, RunStats
 
@@ -59,7 +57,8 @@ def resolve_target(target: Any) -> CacheTarget:
 
 
 class Lifecycle:
-    """Owns the run scopes of one cache-enabled target and the patches that create them."""
+    """Owns the run scopes of one cache-enabled target and the patches that create them; its serving
+    requests are kept in a :class:`~phyai_cache.requests.RequestTable` (``requests``)."""
 
     def __init__(self, target: CacheTarget, config: DiTCacheConfig, backend: str) -> None:
         self.target = target
@@ -69,12 +68,7 @@ class Lifecycle:
         self.run_state: RunState | None = None  # the run of a pipeline call or handle.run()
         self.last_run: RunStats | None = None
         self.last_batch: BatchStats | None = None
-        self._requests: dict[str, RunState] = {}  # open serving requests
-        self._in_flight: set[int] = set()  # ids of the runs in the forward in progress
-        self._closing: dict[int, bool] = {}  # closed during a forward: freed when it ends (completed?)
-        self._failed: dict[int, str] = {}  # requests whose state a failed call left unrecoverable: why
-        self._lock = threading.RLock()
-        self._request_ids = itertools.count()
+        self.requests = RequestTable(self)  # open serving requests
         self._forward: TransformerCall | None = None
         self._batch: tuple[list[Row], bool] | None = None
         self._override: DiTCacheConfig | None = None
@@ -82,7 +76,7 @@ class Lifecycle:
         self._context_name: str | None = None
         self._undo = UndoStack()
         self._warned_outside_run = False
-        self.plan: Any = None  # the backend's plan, to put the cache back after a copy (objects.py)
+        self.installed_plan: Plan | None = None  # what was installed, to put the cache back after a copy (objects.py)
         self.footprint: Any = None  # what the cache is installed on, checked at every run start (objects.py)
 
     def check_target(self, operation: str) -> None:
@@ -118,12 +112,14 @@ class Lifecycle:
 
         self._undo.push(restore)
 
+    def patch_until_removed(self, obj: Any, name: str, value: Any) -> None:
+        """Set ``obj.name`` to ``value`` until the cache is removed (objects.py's copy guards)."""
+        self._undo.patch(obj, name, value)
+
     def uninstall(self) -> None:
         if self.run_state is not None:
             raise CacheStateError("cannot disable the cache while a run is in progress")
-        if self._requests:
-            raise CacheStateError(f"cannot disable the cache while {len(self._requests)} request(s) are open "
-                                  f"({', '.join(list(self._requests)[:4])}); close or cancel them first")
+        self.requests.refuse_removal()
         self._undo.undo()
 
     @property
@@ -137,6 +133,16 @@ class Lifecycle:
 
     def current_forward(self) -> TransformerCall | None:
         return self._forward
+
+    @contextlib.contextmanager
+    def forward_unseen_by_blocks(self) -> Iterator[None]:
+        """The block wrappers see no current forward inside (they pass through): for a forward that
+        was decided before its blocks run (phyai's graph runner: eagerly, captured, or replayed)."""
+        saved, self._forward = self._forward, None
+        try:
+            yield
+        finally:
+            self._forward = saved
 
     # -- run and branch scopes ----------------------------------------------------------------
 
@@ -194,7 +200,7 @@ class Lifecycle:
                 f"per-call configs, requests and step-level batches need backend 'native'; this cache runs on "
                 f"{self.backend!r}, which takes one decision per transformer call for the whole batch and keeps "
                 "its state per model, not per request. Enable with backend='native' (or 'auto' for a native strategy)")
-        self.installation.plan_for(config)
+        self.installation.check_config(config)
 
     @contextlib.contextmanager
     def override(self, config: DiTCacheConfig) -> Iterator[None]:
@@ -212,64 +218,34 @@ class Lifecycle:
         num_inference_steps = check_steps(num_inference_steps)
         self.check_config(config)
         self.check_target("handle.open_request()")
-        if request_id is not None and (not isinstance(request_id, str) or not request_id):
-            raise DiTCacheConfigError("request_id", request_id, "a non-empty string, or None for a generated one")
-        with self._lock:
-            request_id = request_id or f"request-{next(self._request_ids)}"
-            if request_id in self._requests:
-                raise CacheStateError(f"request {request_id!r} is already open on this model")
-            run = self._new_run(config, num_inference_steps, request_id)
-            self.installation.begin_run(run)
-            self._requests[request_id] = run
-        return Request(self, run)
+        return self.requests.open(config, request_id, num_inference_steps)
 
-    def is_open(self, run: RunState) -> bool:
-        with self._lock:
-            return self._requests.get(run.request_id) is run and id(run) not in self._closing
+    def open_run(self, config: DiTCacheConfig, num_inference_steps: int | None, request_id: str) -> RunState:
+        """A request's run, its backend state opened (the request table's :class:`RunOwner`)."""
+        run = self._new_run(config, num_inference_steps, request_id)
+        self.installation.begin_run(run)
+        return run
 
-    def failure_of(self, run: RunState) -> str | None:
-        """Why a failed call left this request unusable, or None."""
-        with self._lock:
-            return self._failed.get(id(run))
-
-    def request_bytes(self, run: RunState) -> int:
-        return (self.installation.run_bytes(run) or 0) if self.installation is not None else 0
-
-    def close_request(self, run: RunState, completed: bool) -> None:
-        """Free a request now, or when the forward it is part of ends (another thread may close it)."""
-        with self._lock:
-            if self._requests.get(run.request_id) is not run or id(run) in self._closing:
-                return
-            if id(run) in self._in_flight:
-                self._closing[id(run)] = completed
-                return
-            self._free(run, completed)
-
-    def _free(self, run: RunState, completed: bool) -> None:
-        del self._requests[run.request_id]
-        self._closing.pop(id(run), None)
-        self._failed.pop(id(run), None)
+    def close_run(self, run: RunState, completed: bool) -> None:
         try:
             self.installation.end_run(run)
         finally:
             self._finish_stats(run, completed)
 
-    @property
-    def open_requests(self) -> list[str]:
-        with self._lock:
-            return [rid for rid, run in self._requests.items() if id(run) not in self._closing]
+    def run_bytes(self, run: RunState) -> int:
+        return (self.installation.run_bytes(run) or 0) if self.installation is not None else 0
 
     @contextlib.contextmanager
     def batch(self, rows: Sequence[RowLike], per_row: bool = True) -> Iterator[None]:
         assert self.installation is not None
         self.check_config(self.config)  # refuses non-native backends
-        normalized = normalize_rows(rows, self)
+        normalized = self.requests.describe(rows)
         if self.run_state is not None:
             raise CacheStateError("handle.batch() inside a pipeline call or handle.run(): a batch carries requests")
         self.check_target("handle.batch()")
         if self._batch is not None:
             raise CacheStateError("handle.batch() cannot nest")
-        self.installation.check_batch([row.request._run for row in normalized], bool(per_row))
+        self.installation.check_batch(self.requests.runs_of(normalized), bool(per_row))
         self._batch = (normalized, bool(per_row))
         try:
             yield
@@ -318,7 +294,7 @@ class Lifecycle:
     def _batched_forward(self, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         refuse_capture("the cached transformer (%s) was called in a step-level batch", self.backend)
         rows, per_row = self._batch
-        runs = self._claim(rows, _batch_size(self.target.signature.hidden_states(args, kwargs)))
+        runs = self.requests.claim(rows, _batch_size(self.target.signature.hidden_states(args, kwargs)))
         calls, start = [], 0
         for row, run in zip(rows, runs):
             calls.append(run.begin_call(row.branch, args, kwargs, rows=slice(start, start + row.size)))
@@ -338,7 +314,7 @@ class Lifecycle:
             for call in calls:
                 call.run.end_call(call, self.installation.blocks_per_call, raised)
             self.last_batch = BatchStats.of(calls, start, self.installation.blocks_per_call)
-            self._release(runs)
+            self.requests.release(runs)
 
     def _undo_failed_call(self, calls: list[CallInfo], restore: Any, error: BaseException) -> None:
         """A failed call costs its requests nothing: each is put back to its state from before the
@@ -350,31 +326,7 @@ class Lifecycle:
             for call in calls:
                 call.run.undo_call(call)
             return
-        reason = f"its transformer call raised {type(error).__name__}: {error}"
-        with self._lock:
-            for call in calls:
-                self._failed.setdefault(id(call.run), reason)
-
-    def _claim(self, rows: list[Row], batch_size: int | None) -> list[RunState]:
-        """Check the batch against the open requests and mark them in flight, before anything runs."""
-        total = sum(row.size for row in rows)
-        if batch_size is not None and batch_size != total:
-            raise CacheStateError(f"the batch has {batch_size} rows but the row list describes {total} "
-                                  f"({len(rows)} entries); describe every row of the batch, in order")
-        with self._lock:
-            runs = []
-            for index, row in enumerate(rows):
-                check_usable(row.request._run, self, index)
-                runs.append(row.request._run)
-            self._in_flight.update(id(run) for run in runs)
-        return runs
-
-    def _release(self, runs: list[RunState]) -> None:
-        with self._lock:
-            self._in_flight.clear()
-            for run in runs:
-                if id(run) in self._closing:
-                    self._free(run, self._closing[id(run)])
+        self.requests.fail([call.run for call in calls], f"its transformer call raised {type(error).__name__}: {error}")
 
     def _wrap_cache_context(self, original: Any) -> Any:
         @contextlib.contextmanager

@@ -75,7 +75,7 @@ def install(lifecycle: Any, plan: Any) -> None:
             installation.remove()
             raise
         try:
-            lifecycle.plan = plan
+            lifecycle.installed_plan = plan
             lifecycle.footprint = Footprint(target, before)
             _install_copy_guards(lifecycle)
         except BaseException:
@@ -166,17 +166,17 @@ def suspended(lifecycle: Any, operation: str) -> Iterator[None]:
     """The target exactly as before enabling for the duration; the cache is put back afterwards."""
     target = lifecycle.target
     name = type(target.pipeline if target.pipeline is not None else target.transformer).__name__
-    if lifecycle.run_state is not None or lifecycle.open_requests:
+    if lifecycle.run_state is not None or lifecycle.requests.open_ids:
         raise CacheStateError(
             f"{operation} of a cache-enabled {name} while a run or a request is in progress is refused: the copy "
             "would be taken half-way through a generation. Copy it between runs (the copy comes out uncached)")
-    with lifecycle._lock:
+    with lifecycle.requests.lock:
         handles = {id(obj): obj.__dict__.pop(HANDLE_ATTR) for obj in target.objects if HANDLE_ATTR in obj.__dict__}
         remove(lifecycle)
         try:
             yield
         finally:
-            install(lifecycle, lifecycle.plan)
+            install(lifecycle, lifecycle.installed_plan)
             for obj in target.objects:
                 if id(obj) in handles:
                     obj.__dict__[HANDLE_ATTR] = handles[id(obj)]
@@ -216,8 +216,8 @@ def _install_copy_guards(lifecycle: Any) -> None:
     target = lifecycle.target
     modules = {id(m): m for m in [target.transformer, *lifecycle.footprint.modules]}
     for module in modules.values():
-        lifecycle._undo.patch(module, "__deepcopy__", _deepcopy_guard(lifecycle, module))
-        lifecycle._undo.patch(module, "__reduce_ex__", _reduce_guard(lifecycle, module))
+        lifecycle.patch_until_removed(module, "__deepcopy__", _deepcopy_guard(lifecycle, module))
+        lifecycle.patch_until_removed(module, "__reduce_ex__", _reduce_guard(lifecycle, module))
     if target.pipeline is not None:
         # The pipeline already has a class of its own (lifecycle.ClassSwap), dropped on disable.
         subclass = type(target.pipeline)

@@ -54,7 +54,8 @@ class CallInfo:
     decision: str | None = None
     reason: str = ""
     diff: float | None = None
-    scratch: Any = None  # the backend's per-call working state
+    scratch: Any = None  # the backend's per-call working state (the diffusers drivers')
+    decided: Decision | None = None  # taken before the call (native options.skip_call): the blocks obey it
     args: tuple = ()  # the transformer call's own arguments (references, not copies)
     kwargs: dict[str, Any] | None = None
     rows: slice = field(default_factory=lambda: ALL_ROWS)  # its rows of a step-level batch; else all
@@ -89,10 +90,6 @@ class RunState:
         step = self._branch_steps.get(branch, 0)
         self._branch_steps[branch] = step + 1
         return CallInfo(run=self, branch=branch, step=step, args=args, kwargs=kwargs, rows=rows)
-
-    def steps_of(self, branch: str) -> int:
-        """How many calls of ``branch`` this run has made."""
-        return self._branch_steps.get(branch, 0)
 
     def undo_call(self, call: CallInfo) -> None:
         """Take back the step ``call`` counted (its transformer call failed and is to be retried)."""

@@ -46,8 +46,9 @@ class Installation(ABC):
     # (step-level batches). Only engines that decide per row group and keep state per run can.
     serves_requests: ClassVar[bool] = False
 
-    def plan_for(self, config: DiTCacheConfig) -> Any:
-        """Validate that a run with ``config`` can be served (``serves_requests`` engines only)."""
+    def check_config(self, config: DiTCacheConfig) -> None:
+        """Raise a clear error unless a run with ``config`` can be served here (``serves_requests``
+        engines only); changes nothing."""
         raise NotImplementedError
 
     def held_bytes(self) -> int | None:

@@ -29,10 +29,9 @@ no per-step call to decide on: it is refused at attach.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -121,25 +120,14 @@ class RunnerCall(torch.nn.Module):
         current = lifecycle.current_forward() if lifecycle is not None else None
         if current is None:  # outside a request: uncached, as any call outside a run
             return self._runner_forward(*args, **kwargs)
-        with _unseen_by_blocks(lifecycle):
+        # decided at the runner: its blocks run eagerly, under capture or not at all (a replay)
+        with lifecycle.forward_unseen_by_blocks():
             output = self._runner_forward(*args, **kwargs)
         for call in current.calls:  # every block ran, eagerly or in the replayed graph
             call.blocks_computed = lifecycle.installation.blocks_per_call
             if call.decision is None:  # a run with the cache off decides nothing
                 call.take(Decision(False, "disabled"))
         return output
-
-
-@contextlib.contextmanager
-def _unseen_by_blocks(lifecycle: Any) -> Iterator[None]:
-    """The block wrappers see no current call (they pass through): the call was decided at the runner,
-    and its blocks run eagerly, under capture or not at all (a replay)."""
-    saved = lifecycle._forward
-    lifecycle._forward = None
-    try:
-        yield
-    finally:
-        lifecycle._forward = saved
 
 
 def runner_blocks(runner: Any, blocks: BlocksArg) -> list[BlockSpec]:

@@ -52,8 +52,9 @@ def model():
 def handle(model):
     handle = enable_dit_cache(model, **NATIVE)
     yield handle
+    table = handle._lifecycle.requests
     for request_id in handle.open_requests:  # a failing test must not leak into the next
-        handle._lifecycle.close_request(handle._lifecycle._requests[request_id], completed=False)
+        table.close(table._runs[request_id], completed=False)
     handle.disable()
 
 

@@ -18,11 +18,7 @@ import torch.nn.functional as F
 
 DIGIT_SIZE = 8
 IMAGE_SIZE = 16
-CHANNELS = 1
 DIGIT_MAX = 16.0
-TOKENS_PER_SIDE = IMAGE_SIZE // 2
-NUM_TOKENS = TOKENS_PER_SIDE * TOKENS_PER_SIDE
-TOKEN_CHANNELS = CHANNELS * 4
 
 
 def upsample_digits(digits: torch.Tensor) -> torch.Tensor:

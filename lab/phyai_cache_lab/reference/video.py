@@ -71,13 +71,6 @@ def video_weights_dir() -> Path:
     return Path(os.environ.get(VIDEO_WEIGHTS_ENV) or assets.WEIGHTS_DIR)
 
 
-def video_available() -> bool:
-    """Whether the video model's files are installed."""
-    folder = video_weights_dir()
-    return all((folder / name).is_file() for name in (VIDEO_METADATA_FILE, VIDEO_TRANSFORMER_FILE,
-                                                      VIDEO_EMBEDDINGS_FILE))
-
-
 def _path(name: str) -> Path:
     path = video_weights_dir() / name
     if not path.is_file():

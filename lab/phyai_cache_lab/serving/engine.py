@@ -184,13 +184,6 @@ class StepEngine:
             stats = job.cache.stats
         return Completed(job.spec, job.latents, job.admitted_s, now, stats)
 
-    def cancel_all(self) -> None:
-        """Drop every running request (their cache state is freed)."""
-        for job in self._running:
-            if job.cache is not None:
-                job.cache.cancel()
-        self._running.clear()
-
     # -- one step of every running request ------------------------------------------------------
 
     @torch.no_grad()

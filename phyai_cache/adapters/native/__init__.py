@@ -1,14 +1,15 @@
 """The native backend: phyai_cache's own engine, for any transformer, with no extra dependency.
 
 It serves every strategy whose declaration (phyai_cache/strategies/) carries a ``NativeMethod``:
-today ``fbcache`` (first-block cache, Fn=1 Bn=0), ``dbcache`` (Fn front blocks decide, Bn back
-blocks always run), both optionally with a TaylorSeer forecaster (``taylorseer_order``), and
-``taylorseer`` (scheduled: compute every ``cache_interval``-th step or per ``compute_mask``,
-forecast between). It is also the engine that serves requests with their own configs and
-step-level batches with per-row decisions (docs/serving.md), and the one that serves models spread
-over several processes (docs/distributed.md: the statistic is reduced over the model's group). See
-:mod:`.chain` for the mechanism, :mod:`.policy` for what is reused, and phyai_cache/decision.py for
-the decision.
+``fbcache`` (first-block cache, Fn=1 Bn=0) and ``dbcache`` (Fn front blocks decide, Bn back blocks
+always run), both optionally with a TaylorSeer forecaster (``taylorseer_order``); ``taylorseer``
+(scheduled: compute every ``cache_interval``-th step or per ``compute_mask``, forecast between); and
+the strategies with a statistic of their own (``magcache``, ``easycache``, ``teacache``: :mod:`.method`).
+It is also the engine that serves requests with their own configs and step-level batches with
+per-row decisions (docs/serving.md), and the one that serves models spread over several processes
+(docs/distributed.md: the statistic is reduced over the model's group). See :mod:`.chain` for the
+mechanism (:mod:`.run_setup` for a run's layout and rules, :mod:`.groups` for a forward's row
+groups), :mod:`.history` for what is reused, and phyai_cache/decision.py for the decision.
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ from ...distributed import check_blocks_see_their_shard
 from ...runtime import CacheTarget, CallSource
 from ...strategies import StrategySpec
 from ..base import Backend, Installation, Plan, StrategySupport
-from .chain import ChainInstallation, RunPlan, native_plan
+from .chain import ChainInstallation
+from .run_setup import RunSetup, run_setup
 
 
 class NativePlan(Plan):
-    def __init__(self, lists: list[BlockList], config: DiTCacheConfig, plan: RunPlan, parallel: Any = None) -> None:
+    def __init__(self, lists: list[BlockList], config: DiTCacheConfig, setup: RunSetup, parallel: Any = None) -> None:
         self.lists = lists
         self.config = config
-        self.plan = plan
+        self.setup = setup
         self.parallel = parallel
 
     def install(self, lifecycle: CallSource) -> Installation:
         return ChainInstallation(self.lists, self.config, lifecycle)
 
     def describe(self) -> dict[str, Any]:
-        layout = self.plan.layout
+        layout = self.setup.layout
         return {
             "blocks": len(layout),
             "front": layout.names[: layout.front_blocks],
@@ -59,4 +61,4 @@ class NativeBackend(Backend):
     def prepare(self, target: CacheTarget, config: DiTCacheConfig, blocks: BlocksArg = None) -> NativePlan:
         lists = discover_blocks(target.transformer, blocks)
         check_blocks_see_their_shard(lists)  # context parallelism must split before the cached blocks
-        return NativePlan(lists, config, native_plan(lists, config, target.transformer), target.parallel)
+        return NativePlan(lists, config, run_setup(lists, config, target.transformer), target.parallel)

@@ -134,7 +134,10 @@ def mean_abs(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean|current - previous| / mean|previous|, one host sync (the statistic TeaCache and EasyCache use)."""
+    """mean|current - previous| / mean|previous|, one host sync (TeaCache's input and output change).
+
+    Unlike :func:`phyai_cache.decision.relative_l1` the denominator is clamped, so a zero ``previous``
+    gives a large change rather than inf or nan."""
     return float((mean_abs(current - previous) / mean_abs(previous).clamp_min(1e-12)).item())
 
 

@@ -33,7 +33,7 @@ from ...decision import Decision
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import RunState
 from ...blocks import forward_parameters
-from .method import Method, StepInputs, mean_abs
+from .method import Method, StepInputs, relative_change
 
 IDENTITY = (1.0, 0.0)
 
@@ -98,9 +98,7 @@ class TeaCacheMethod(Method):
 
     def _change(self, inputs: StepInputs) -> float:
         if "input_change" not in inputs.call.measures:
-            current = self.modulated(inputs)
-            ratio = mean_abs(current - self.previous) / mean_abs(self.previous).clamp_min(1e-12)
-            inputs.call.measures["input_change"] = float(ratio.item())
+            inputs.call.measures["input_change"] = relative_change(self.modulated(inputs), self.previous)
         return inputs.call.measures["input_change"]
 
     def committed(self, inputs: StepInputs, decision: Decision) -> None:
@@ -120,8 +118,7 @@ class TeaCacheMethod(Method):
             return
         previous = self.previous_output
         if previous is not None and previous.shape == output.shape:
-            ratio = mean_abs(output - previous) / mean_abs(previous).clamp_min(1e-12)
-            inputs.call.measures["output_change"] = float(ratio.item())
+            inputs.call.measures["output_change"] = relative_change(output, previous)
         self.previous_output = output
 
     def tensors(self) -> list[torch.Tensor | None]:

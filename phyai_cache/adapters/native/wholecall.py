@@ -6,7 +6,7 @@ cached step then returns a forecast of the call's *output* (TaylorSeer of order 
 over the outputs of the branch's computed steps) and runs nothing of the model: no patch or text
 embedding, no timestep embedding or RoPE table, no block, no output norm or projection, which the
 block-level form still runs on every step. The decision goes through the same sequence and the same
-per-branch state (``decide`` and the engine's ``_commit``), and a computed step runs every block
+per-branch state (``decide`` and ``Group.commit``), and a computed step runs every block
 (counted like any computed step).
 
 The call's latents are its ``hidden_states`` argument (diffusers' name for them) or, for a model of
@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...blocks import ROW_ARGUMENTS, SHARED_ARGUMENTS, forward_parameters, has_batch_rows
-from ...calls import LATENT_ARGUMENT, CallSignature
 from ...decision import cache_gap, cache_key, call_modes, decide
-from ...errors import CacheStateError, DiTCacheConfigError
+from ...errors import CacheStateError
 from ...runtime import CallInfo, TransformerCall
 from .method import StepInputs
-from .policy import ResidualHistory
+from .groups import Group
+from .history import ResidualHistory
 
 if TYPE_CHECKING:
-    from .chain import ChainInstallation, Group
+    from .chain import ChainInstallation
 
 
 @dataclass
@@ -91,37 +91,14 @@ def _split_tuple(output: tuple) -> tuple[torch.Tensor, Callable[[torch.Tensor], 
     return flat, rebuild
 
 
-def check_latent_parameter(model: torch.nn.Module) -> None:
-    """A clear :class:`DiTCacheConfigError` (at enable time) when ``model``'s forward has no latents to
-    forecast from: a diffusers model without ``hidden_states`` (its first argument is something else).
-    Other models take theirs in the first positional parameter (:class:`~phyai_cache.calls.CallSignature`)."""
-    signature = CallSignature.of(model)
-    if signature.latent == LATENT_ARGUMENT or not _is_diffusers_model(model):
-        return
-    parameters = list(signature.positions)
-    raise DiTCacheConfigError(
-        "options.skip_call", True, f"false for {type(model).__name__}",
-        hint=f"whole-call skipping forecasts the call's output from its latents, the forward's hidden_states "
-             f"argument, and {type(model).__name__}.forward has none (its parameters start "
-             f"{', '.join(parameters[:3])}); use the same strategy without skip_call (block-level caching)")
-
-
-def _is_diffusers_model(model: torch.nn.Module) -> bool:
-    try:
-        from diffusers import ModelMixin
-    except ImportError:
-        return False
-    return isinstance(model, ModelMixin)
-
-
 def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, args: tuple,
                    kwargs: dict[str, Any]) -> Any:
     """Decide ``call`` before running it; return the forecast output (cached) or run it (computed)."""
     group = decide_ahead(engine, call, args, kwargs)
-    engine._commit(group, group.decision)
+    group.commit(group.decision)
     if group.decision.cached:
         return group.cache.output.rebuild(forecast(group))
-    call.scratch = group.decision  # the block wrappers see a decided call: they run (and count) every block
+    call.decided = group.decision  # the block wrappers see a decided call: they run (and count) every block
     output = original(*args, **kwargs)
     tensor, rebuild = split_output(output)
     keep_output(engine, group, tensor, rebuild)
@@ -130,17 +107,14 @@ def run_whole_call(engine: ChainInstallation, call: CallInfo, original: Any, arg
 
 def decide_ahead(engine: ChainInstallation, call: CallInfo, args: tuple, kwargs: dict[str, Any]) -> Group:
     """The (uncommitted) decision of ``call``'s rows, taken from the call's arguments before it runs."""
-    from .chain import Group
-
     state = engine.runs[call.run]
-    plan = state.plan
     signature = engine.lifecycle.target.signature
     hidden = signature.hidden_states(args, kwargs)
     if not isinstance(hidden, torch.Tensor):
         raise CacheStateError(f"options.skip_call needs the transformer call's latents as one tensor (its "
                               f"{signature.latent} argument); got {type(hidden).__name__}")
     encoder = signature.encoder_hidden_states(args, kwargs)
-    group = Group(call, state, engine._branch_cache(state, call), ahead=True)
+    group = Group(call, state, state.branch_cache(call), ahead=True)
     group.chain_input, encoder = group.rows(hidden), group.rows(encoder) if isinstance(encoder, torch.Tensor) else None
     group.key = cache_key(group.chain_input, encoder, call_modes(args, kwargs))
     cache, method = group.cache, group.cache.method
@@ -150,7 +124,7 @@ def decide_ahead(engine: ChainInstallation, call: CallInfo, args: tuple, kwargs:
     if gap is None and method is not None:
         gap = method.gap(group.inputs)
     measure = None if method is None else functools.partial(method.measure, group.inputs)
-    group.decision = decide(call.step, call.branch, plan.rules, cache, state.shared, group.key, gap=gap,
+    group.decision = decide(call.step, call.branch, state.setup.rules, cache, state.shared, group.key, gap=gap,
                             measure=measure, commit=False)
     return group
 
@@ -167,11 +141,11 @@ def forecast(group: Group) -> torch.Tensor:
 
 def keep_output(engine: ChainInstallation, group: Group, tensor: torch.Tensor, rebuild: Callable) -> None:
     """After a computed call: keep the group's output rows (what cached steps forecast from)."""
-    cache, plan = group.cache, group.state.plan
+    cache, setup = group.cache, group.state.setup
     history = cache.output.history if cache.output is not None else None
     if history is None or (history.factors and history.factors[0].shape != tensor.shape):
         # A new output shape the key did not foresee: what was kept is for another shape.
-        cache.output = CallOutput(ResidualHistory(plan.forecast_order), rebuild)
+        cache.output = CallOutput(ResidualHistory(setup.forecast_order), rebuild)
     # A copy: the pipeline owns the output and may change it in place (a cached tensor changed
     # behind the cache's back is how SGLang #33827 corrupted images).
     cache.output.history.update(group.call.step, tensor.detach().clone())
@@ -205,9 +179,9 @@ def run_whole_call_rows(engine: ChainInstallation, forward: TransformerCall, ahe
     everyone = len(groups) == len(forward.calls) and all(g.decision.cached for g in groups)
     for group in groups:  # per batch (what peers do): a row skips the call only if every row does
         cached = group.decision.cached and (forward.per_row or everyone)
-        engine._commit(group, group.decision if cached or not group.decision.cached
-                       else group.decision.overruled("batch_computes"))
-        group.call.scratch = group.decision  # the block wrappers see a decided call
+        group.commit(group.decision if cached or not group.decision.cached
+                     else group.decision.overruled("batch_computes"))
+        group.call.decided = group.decision  # the block wrappers see a decided call
     skipping = [g for g in groups if g.decision.cached]
     computing = [g for g in groups if not g.decision.cached]
     if not skipping:
