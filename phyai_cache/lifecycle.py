@@ -1,16 +1,13 @@
-"""Per-run cache lifecycle: run scopes, the pipeline-call wrapper, branch and step tracking.
+"""Per-run cache lifecycle: run scopes, the pipeline-call wrapper, and the wrapped transformer call.
 
 A *run* is one generation: one pipeline call, or one ``with handle.run():`` scope around a custom
 denoising loop. A :class:`RunState` is created when the run starts and dropped when it ends (also
 when it raises), and every cached tensor lives inside it, so nothing can leak from one prompt,
 batch, resolution or device to the next.
 
-Within a run, each transformer call is one step of one *branch*. The branch is, in order of
-precedence: the name given with ``handle.branch(name)``; the name of the diffusers
-``cache_context(name)`` the pipeline entered (``"cond"``/``"uncond"``); otherwise the call's
-position within its denoising step (``"call0"``, ``"call1"``), where calls belong to the same step
-when they see the same timestep object. Steps are counted per branch, so cond and uncond keep
-separate state and separate step counters.
+Within a run, each transformer call is one step of one *branch* (named and counted by
+:class:`~phyai_cache.branches.BranchNaming`), so cond and uncond keep separate state and separate
+step counters.
 
 The pipeline call is intercepted by giving *that instance* its own subclass with a wrapping
 ``__call__`` (special methods are looked up on the type); the pipeline class itself is never
@@ -30,8 +27,9 @@ import torch
 
 from ._patch import ClassSwap, InstancePatch, UndoStack, in_forward_chain
 from .adapters.base import Installation, Plan
+from .branches import BranchNaming
 from .config import DiTCacheConfig
-from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, DistributedCacheError
+from .errors import BackendUnavailableError, CacheStateError, DistributedCacheError, DiTCacheConfigError
 from .graphs import refuse_capture
 from .requests import Request, RequestTable, Row, RowLike, check_steps
 from .runtime import CacheTarget, CallInfo, RunState, TransformerCall
@@ -72,8 +70,7 @@ class Lifecycle:
         self._forward: TransformerCall | None = None
         self._batch: tuple[list[Row], bool] | None = None
         self._override: DiTCacheConfig | None = None
-        self._explicit_branch: str | None = None
-        self._context_name: str | None = None
+        self.branches = BranchNaming(target)  # which branch and step each transformer call is
         self._undo = UndoStack()
         self._warned_outside_run = False
         self.installed_plan: Plan | None = None  # what was installed, to put the cache back after a copy (objects.py)
@@ -125,7 +122,7 @@ class Lifecycle:
     @property
     def pipeline_context_name(self) -> str | None:
         """The diffusers ``cache_context`` name the pipeline has entered, if any."""
-        return self._context_name
+        return self.branches.context_name
 
     def current_call(self) -> CallInfo | None:
         forward = self._forward
@@ -256,12 +253,12 @@ class Lifecycle:
     def branch(self, name: str) -> Iterator[None]:
         if not isinstance(name, str) or not name:
             raise DiTCacheConfigError("branch", name, "a non-empty string such as 'cond' or 'uncond'")
-        previous = self._explicit_branch
-        self._explicit_branch = name
+        previous = self.branches.explicit
+        self.branches.explicit = name
         try:
             yield
         finally:
-            self._explicit_branch = previous
+            self.branches.explicit = previous
 
     # -- wrappers -----------------------------------------------------------------------------
 
@@ -277,7 +274,7 @@ class Lifecycle:
                 self._warn_outside_run()
                 return original(*args, **kwargs)
             refuse_capture("the cached transformer (%s/%s) was called", self.backend, self.config.strategy)
-            call = self._begin_call(run, args, kwargs)
+            call = self.branches.begin_call(run, args, kwargs)
             self._forward = TransformerCall([call])
             raised = True
             try:
@@ -331,13 +328,13 @@ class Lifecycle:
     def _wrap_cache_context(self, original: Any) -> Any:
         @contextlib.contextmanager
         def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
-            previous = self._context_name
-            self._context_name = name
+            previous = self.branches.context_name
+            self.branches.context_name = name
             try:
                 with original(name, *args, **kwargs):
                     yield
             finally:
-                self._context_name = previous
+                self.branches.context_name = previous
 
         return cache_context
 
@@ -352,66 +349,6 @@ class Lifecycle:
                 return base_call(pipe, *args, **kwargs)
 
         return __call__
-
-    def _begin_call(self, run: RunState, args: tuple, kwargs: dict[str, Any]) -> CallInfo:
-        """Name the call's branch and count its step; never silently mix branches (see :meth:`_check_steps`)."""
-        if self._explicit_branch is not None:
-            branch, named_by = self._explicit_branch, "handle.branch()"
-        elif self._context_name is not None:
-            branch, named_by = self._context_name, "the pipeline's cache_context()"
-        else:
-            key = self._step_key(args, kwargs)
-            if key is None:
-                branch, named_by = "default", None
-                if run.config.enabled:
-                    run.warn_once("timestep_unread", self._unread_timestep_message())
-            else:
-                branch, named_by = run.branch_by_step_key(key), "inferred"
-        call = run.begin_call(branch, args, kwargs)
-        self._check_steps(run, call, named_by)
-        return call
-
-    def _step_key(self, args: tuple, kwargs: dict[str, Any]) -> Any:
-        """An object that is identical for every call of one denoising step.
-
-        diffusers pipelines keep the loop's timestep in ``_current_timestep``; a custom loop (phyai's
-        schedulers among them) passes the same timestep tensor to each branch call of a step, by
-        keyword or by position.
-        """
-        pipeline = self.target.pipeline
-        if pipeline is not None:
-            key = getattr(pipeline, "__dict__", {}).get("_current_timestep")
-            if key is not None:
-                return key
-        return self.target.signature.timestep_value(args, kwargs)
-
-    def _check_steps(self, run: RunState, call: CallInfo, named_by: str | None) -> None:
-        """A branch that sees more calls than the run declared steps is mixing calls that are not its own.
-
-        Where no branch could be told apart (no timestep, no name) the cache would compare one CFG
-        branch with the other, so the call is refused before it runs. Named or inferred branches may
-        legitimately run more calls than declared (a scheduler with two evaluations per step, a
-        custom timestep list longer than ``num_inference_steps``): warned once and flagged.
-        """
-        declared = run.stats.num_inference_steps
-        if not run.config.enabled or declared is None or call.step < declared:
-            return
-        fix = ("name each call's branch with `with handle.branch('cond'):` / `handle.branch('uncond')` "
-               "around it (phyai runners: phyai_cache.integrations.phyai.attach does it), or declare the "
-               "right num_inference_steps")
-        message = (f"branch {call.branch!r} got call {call.step + 1} in a run declared with {declared} "
-                   f"steps: its calls are not one denoising step each")
-        if named_by is None:
-            raise CacheStateError(f"{message}; the cache cannot tell this transformer's calls apart "
-                                  f"({self._unread_timestep_message()}), so it would compare one CFG "
-                                  f"branch with another: {fix}")
-        run.warn_once("steps_exceeded", f"phyai_cache: {message} (branch named by {named_by}); if a "
-                                        f"denoising step calls the transformer more than once per branch, {fix}")
-
-    def _unread_timestep_message(self) -> str:
-        return (f"phyai_cache: cannot read a timestep from {type(self.target.transformer).__name__}'s calls "
-                f"(looked for {self.target.signature.describe_timestep()}): all calls of the run count as "
-                "one branch 'default'; with CFG or several calls per step, name them with handle.branch()")
 
     def _warn_outside_run(self) -> None:
         if self._warned_outside_run or not self.config.enabled:  # off by default: uncached is what was asked
