@@ -48,6 +48,12 @@ def choice(*allowed: str) -> Check:
 # decides on the largest change (the default); "pooled" measures the whole sequence at once.
 STREAMS = choice("worst", "pooled")
 
+# How a strategy's forecaster (``taylorseer_order`` >= 1) extrapolates, and along what
+# (adapters/native/policy.py): every strategy that forecasts declares both with FORECAST_OPTIONS.
+FORECASTS = ("taylor", "newton", "hermite", "foca", "freq")
+FORECAST_AXES = ("time", "step")
+FORECAST_OPTIONS: dict[str, Check] = {"forecast": choice(*FORECASTS), "forecast_axis": choice(*FORECAST_AXES)}
+
 
 def _ratio_list(label: str, value: Any) -> list[float]:
     allowed = "a non-empty list of positive per-step magnitude ratios, or a mapping {step count: list}"

@@ -6,7 +6,7 @@ step is below ``threshold``, the remaining blocks reuse their cached residual. P
 """
 
 from . import STEP_SCHEDULE, NativeMethod, StrategySpec
-from ._options import STREAMS, positive_number
+from ._options import FORECAST_OPTIONS, STREAMS, positive_number
 
 SPEC = StrategySpec(
     name="fbcache",
@@ -17,7 +17,7 @@ SPEC = StrategySpec(
     fixed_hint="fbcache always computes exactly the first block; use strategy 'dbcache' for other "
                "front/back block counts",
     backends=("native", "cache_dit", "diffusers"),
-    native=NativeMethod(measured=True, options={"verify": positive_number, "streams": STREAMS}),
+    native=NativeMethod(measured=True, options={**FORECAST_OPTIONS, "verify": positive_number, "streams": STREAMS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     sweep="threshold",
 )

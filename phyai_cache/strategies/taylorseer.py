@@ -6,7 +6,7 @@ which) and the steps between forecast the blocks' output with a Taylor expansion
 """
 
 from . import NativeMethod, StrategySpec
-from ._options import boolean, positive_number
+from ._options import FORECAST_OPTIONS, boolean, positive_number
 
 SPEC = StrategySpec(
     name="taylorseer",
@@ -16,7 +16,7 @@ SPEC = StrategySpec(
     backends=("native", "diffusers"),
     not_served={"cache_dit": "cache-dit has no standalone TaylorSeer: its TaylorSeer is a calibrator on top of "
                              "DBCache (strategy 'dbcache' or 'fbcache' with taylorseer_order=k here)"},
-    native=NativeMethod(measured=False, options={"verify": positive_number, "skip_call": boolean}),
+    native=NativeMethod(measured=False, options={**FORECAST_OPTIONS, "verify": positive_number, "skip_call": boolean}),
     hit_settings={"warmup_steps": 1, "taylorseer_order": 1},
     sweep="interval",
 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import STEP_SCHEDULE, Calibration, NativeMethod, StrategySpec
-from ._options import boolean, choice, coefficients
+from ._options import FORECAST_OPTIONS, boolean, choice, coefficients
 
 DEGREE = 4  # TeaCache's polynomial degree
 
@@ -58,7 +58,7 @@ SPEC = StrategySpec(
                              "teacache: backend native)",
                 "cache_dit": "cache-dit does not implement TeaCache"},
     native=NativeMethod(measured=False, method="teacache:TeaCacheMethod",
-                        options={"coefficients": coefficients, "probe": choice("auto", "modulated", "input"),
+                        options={**FORECAST_OPTIONS, "coefficients": coefficients, "probe": choice("auto", "modulated", "input"),
                                  "calibrate": boolean}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     sweep="threshold",

@@ -56,7 +56,7 @@ from ...strategies import get_strategy
 from ...graphs import refuse_capture
 from ..base import Installation
 from .method import Method, StepInputs
-from .policy import BranchCache, ResidualHistory
+from .policy import DEFAULT_FORECAST_AXIS, BranchCache, Forecaster, forecast_position
 from .wholecall import check_latent_parameter, run_whole_call, run_whole_call_rows
 
 
@@ -115,7 +115,7 @@ class RunPlan:
     layout: ChainLayout
     rules: StepRules | None = None
     measured: bool = True
-    forecast_order: int | None = None
+    forecaster: Forecaster = Forecaster()  # taylorseer_order and options.forecast / forecast_axis
     separate_cfg: bool = True
     method: type[Method] | None = None  # the strategy's own statistic (NativeMethod.method)
     options: Mapping[str, Any] = field(default_factory=dict)  # checked against NativeMethod.options
@@ -156,6 +156,7 @@ class Group:
     # the call but its rows are in it anyway, none (its rows pass through; the call's output for them
     # is replaced by the forecast, wholecall.run_whole_call_rows).
     ahead: bool = False
+    position: float | None = None  # where the call lies on the forecaster's axis (its time or step)
 
     @property
     def layout(self) -> ChainLayout:
@@ -383,8 +384,27 @@ class ChainInstallation(Installation):
                 groups.append(Group(call, state, None, decision=call.scratch, skip=call.scratch.cached, ahead=True))
                 continue
             cache = self._branch_cache(state, call) if state.plan.enabled else None
-            groups.append(Group(call, state, cache))
+            groups.append(Group(call, state, cache, position=self.position(state, call) if cache else None))
         return Forward(groups, per_row=current.per_row, batched=current.batched)
+
+    def position(self, state: NativeRunState, call: CallInfo) -> float:
+        """Where ``call`` lies on its run's forecast axis: its own rows' timestep, or its step index
+        where no time can be read (warned once per run when the run asked for time)."""
+        forecaster = state.plan.forecaster
+        time = self.lifecycle.target.signature.timestep_value(call.args, call.kwargs) if forecaster.axis == "time" else None
+        if isinstance(time, torch.Tensor) and time.dim() > 0 and time.shape[0] > 1 and call.rows != slice(None):
+            time = time[call.rows]  # a step-level batch: each row's request is at its own time
+        position, is_time = forecast_position(forecaster, time, call.step)
+        if forecaster.axis == "time" and forecaster.order and not is_time:
+            call.run.warn_once("forecast_time_unread", self._unread_time_message(time))
+        return position
+
+    def _unread_time_message(self, time: Any) -> str:
+        transformer = type(self.lifecycle.target.transformer).__name__
+        found = (f"a {time.dtype} tensor" if isinstance(time, torch.Tensor) else type(time).__name__)
+        return (f"phyai_cache: options.forecast_axis 'time' needs {transformer}'s calls to pass their timestep "
+                f"({self.lifecycle.target.signature.describe_timestep()}) as a number or an integer, float32 or float64 tensor; "
+                f"found {found}, so this run forecasts over the step index")
 
     def _branch_cache(self, state: NativeRunState, call: CallInfo) -> BranchCache:
         cache = state.branches.setdefault(call.branch, BranchCache())
@@ -509,8 +529,8 @@ class ChainInstallation(Installation):
             group.cache.decision_residual = group.residual
         if not decision.cached and plan.verify is not None and group.residual is not None:
             if group.cache.front is None:
-                group.cache.front = ResidualHistory(plan.forecast_order)
-            group.cache.front.update(call.step, group.residual)
+                group.cache.front = plan.forecaster.history()
+            group.cache.front.update(call.step, group.residual, group.position)
         if group.cache.method is not None and group.inputs is not None:
             group.cache.method.committed(group.inputs, decision)
 
@@ -525,7 +545,7 @@ class ChainInstallation(Installation):
         history = group.cache.front
         if history is None or not history.factors or history.factors[0].shape != group.residual.shape:
             return "no_forecast"
-        error = relative_l1(history.predict(group.call.step), group.residual)
+        error = relative_l1(history.predict(group.call.step, group.position), group.residual)
         group.call.measures["forecast_error"] = error
         return None if error < tolerance else "forecast_error"
 
@@ -562,9 +582,9 @@ class ChainInstallation(Installation):
         segment = group.layout.segment_start.get(position)
         if segment is not None and not group.ahead:  # a whole-call skip passes through: its output is forecast
             hidden_history, encoder_history = group.cache.segments[segment]
-            hidden = hidden + hidden_history.predict(group.call.step)
+            hidden = hidden + hidden_history.predict(group.call.step, group.position)
             if encoder_history is not None and encoder is not None:
-                encoder = encoder + encoder_history.predict(group.call.step)
+                encoder = encoder + encoder_history.predict(group.call.step, group.position)
         return hidden, encoder
 
     def _reused_output(self, position: int, io: BlockIO, forward: Forward, hidden: torch.Tensor,
@@ -608,15 +628,15 @@ class ChainInstallation(Installation):
                 f"blocks up to {self.layout.names[_segment_end_position(group.layout, segment)]} change the "
                 "hidden-state shape inside one block list; such a list cannot be skipped as a whole"
             )
-        order = group.state.plan.forecast_order
+        forecaster = group.state.plan.forecaster
         has_encoder = encoder_out is not None and encoder_in is not None
         histories = group.cache.segments.get(segment)
         if histories is None:
-            histories = (ResidualHistory(order), ResidualHistory(order) if has_encoder else None)
+            histories = (forecaster.history(), forecaster.history() if has_encoder else None)
             group.cache.segments[segment] = histories
-        histories[0].update(group.call.step, hidden_out - hidden_in)
+        histories[0].update(group.call.step, hidden_out - hidden_in, group.position)
         if has_encoder and histories[1] is not None:
-            histories[1].update(group.call.step, encoder_out - encoder_in)
+            histories[1].update(group.call.step, encoder_out - encoder_in, group.position)
         group.call.run.note_cache_bytes(group.state.nbytes())
 
 
@@ -658,9 +678,14 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.
     check_block_counts(front, back, total)
     rules = _Calibrating(config) if options.get("calibrate") else StepRules(config)
     return RunPlan(config, enabled=True, layout=ChainLayout(lists, front, back), rules=rules,
-                   measured=spec.native.measured, forecast_order=config.taylorseer_order,
+                   measured=spec.native.measured, forecaster=_forecaster(config, options),
                    separate_cfg=config.separate_cfg is not False,  # "auto" -> separate: always correct
                    method=method, options=options, verify=verify, skip_call=skip_call, streams=streams)
+
+
+def _forecaster(config: DiTCacheConfig, options: Mapping[str, Any]) -> Forecaster:
+    return Forecaster(config.taylorseer_order or 0, options.get("forecast", "taylor"),
+                      options.get("forecast_axis", DEFAULT_FORECAST_AXIS))
 
 
 class _Calibrating(StepRules):

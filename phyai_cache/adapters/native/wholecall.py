@@ -35,7 +35,6 @@ from ...decision import cache_gap, cache_key, call_modes, decide
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import CallInfo, TransformerCall
 from .method import StepInputs
-from .policy import ResidualHistory
 
 if TYPE_CHECKING:
     from .chain import ChainInstallation, Group
@@ -140,7 +139,7 @@ def decide_ahead(engine: ChainInstallation, call: CallInfo, args: tuple, kwargs:
         raise CacheStateError(f"options.skip_call needs the transformer call's latents as one tensor (its "
                               f"{signature.latent} argument); got {type(hidden).__name__}")
     encoder = signature.encoder_hidden_states(args, kwargs)
-    group = Group(call, state, engine._branch_cache(state, call), ahead=True)
+    group = Group(call, state, engine._branch_cache(state, call), ahead=True, position=engine.position(state, call))
     group.chain_input, encoder = group.rows(hidden), group.rows(encoder) if isinstance(encoder, torch.Tensor) else None
     group.key = cache_key(group.chain_input, encoder, call_modes(args, kwargs))
     cache, method = group.cache, group.cache.method
@@ -159,7 +158,7 @@ def forecast(group: Group) -> torch.Tensor:
     """A cached step's output rows: the forecast over the branch's computed calls."""
     group.call.skipped_call = True
     history = group.cache.output.history
-    value = history.predict(group.call.step)
+    value = history.predict(group.call.step, group.position)
     if any(value is factor for factor in history.factors):
         value = value.clone()  # plain reuse: the caller must not get (and mutate) our copy
     return value
@@ -171,10 +170,10 @@ def keep_output(engine: ChainInstallation, group: Group, tensor: torch.Tensor, r
     history = cache.output.history if cache.output is not None else None
     if history is None or (history.factors and history.factors[0].shape != tensor.shape):
         # A new output shape the key did not foresee: what was kept is for another shape.
-        cache.output = CallOutput(ResidualHistory(plan.forecast_order), rebuild)
+        cache.output = CallOutput(plan.forecaster.history(), rebuild)
     # A copy: the pipeline owns the output and may change it in place (a cached tensor changed
     # behind the cache's back is how SGLang #33827 corrupted images).
-    cache.output.history.update(group.call.step, tensor.detach().clone())
+    cache.output.history.update(group.call.step, tensor.detach().clone(), group.position)
     cache.output.rebuild = rebuild
     if cache.method is not None:
         cache.method.computed(group.inputs, tensor)
