@@ -36,6 +36,7 @@ import yaml
 
 from ..api import enable_dit_cache, get_cache_handle
 from ..config import DiTCacheConfig
+from ..lifecycle import resolve_target
 from ..strategies import get_strategy
 from ..errors import PhyaiCacheError
 from ..registry import list_backends
@@ -232,7 +233,9 @@ def _tune(evaluator: Evaluator, target_psnr: float, *, strategy: str | Sequence[
         margin += retry_margin_db
     config, calibration = best
     speedup = evaluator.speedup(config, list(heldout_seeds), timing_pairs) if timing_pairs else {}
-    return TuneResult(config, evaluator.backend_of.get(_key(config)), target_psnr, calibration, heldout, speedup,
+    backend = evaluator.backend_of.get(_key(config))
+    config = config.replace(calibrated_on=evaluator.model_class)  # what the figures hold for (warned elsewhere)
+    return TuneResult(config, backend, target_psnr, calibration, heldout, speedup,
                       margin, evaluator.trace[trace_start:], time.perf_counter() - started)
 
 
@@ -382,6 +385,7 @@ class Evaluator:
         self._runs: dict[tuple[str, str, int], tuple[torch.Tensor, RunStats | None, float]] = {}
         self.backend_of: dict[str, str | None] = {}
         self.trace: list[dict[str, Any]] = []
+        self.model_class = type(resolve_target(pipe).transformer).__name__
         self._calibrations: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
 
     def calibration(self, strategy: str, base: Mapping[str, Any], seeds: list[int]) -> dict[str, Any]:
@@ -515,6 +519,8 @@ def _preset_config(config: DiTCacheConfig) -> dict[str, Any]:
         kept["separate_cfg"] = data["separate_cfg"]
     if data["options"]:
         kept["options"] = data["options"]
+    if data["calibrated_on"]:
+        kept["calibrated_on"] = data["calibrated_on"]
     return kept
 
 
