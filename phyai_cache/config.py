@@ -246,7 +246,7 @@ def warn_if_calibrated_elsewhere(config: DiTCacheConfig, model: Any) -> bool:
         _WARNED_CALIBRATION.add(pair)
         logger.warning(
             "phyai_cache: this %s config was calibrated on %s, not %s; its quality tier may not hold here. "
-            "Tune it for this model in one command: `phyai-cache tune --model-spec <module:factory> --strategy %s "
+            "Tune it for this model in one command: `phyai-cache tune --pipeline MODULE:FUNCTION --strategy %s "
             "--out-dir <dir>` (or `phyai-cache calibrate` for the %s options alone); see docs/tuning.md",
             config.strategy, config.calibrated_on, found, config.strategy, config.strategy)
     return True

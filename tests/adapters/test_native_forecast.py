@@ -204,3 +204,39 @@ def test_a_config_calibrated_on_the_same_class_or_recording_none_does_not_warn(c
     assert not [r for r in caplog.records if "calibrated on" in r.getMessage()]
     with pytest.raises(DiTCacheConfigError, match="calibrated_on"):
         load_config({"enabled": True, "calibrated_on": 3})
+
+
+# -- calibrated schedules (options.schedule) ------------------------------------------------------
+
+
+def _computed_steps(handle) -> list[int]:
+    return [r.step for r in handle.last_run.records if r.decision != "cached"]
+
+
+def test_a_schedule_computes_the_steps_calibrated_for_the_runs_step_count():
+    model = PolyDiT()
+    schedule = {str(len(SIGMAS)): [0, 1, 2, 6], "20": [0, 5]}
+    handle = enable_dit_cache(model, **{**_config("time", True), "options": {"skip_call": True, "schedule": schedule}})
+    with torch.no_grad(), handle.run(num_inference_steps=len(SIGMAS)):
+        outputs = [model(torch.ones(1, 2, 2, dtype=torch.float64), torch.full((1,), s, dtype=torch.float64))
+                   for s in SIGMAS]
+    assert _computed_steps(handle) == [0, 1, 2, 6] and not handle.last_run.warnings
+    assert len(outputs) == len(SIGMAS)
+    with torch.no_grad(), handle.run(num_inference_steps=6):  # no schedule for 6 steps: the interval decides
+        for s in SIGMAS[:6]:
+            model(torch.ones(1, 2, 2, dtype=torch.float64), torch.full((1,), s, dtype=torch.float64))
+    assert _computed_steps(handle) == [0, 1, 2, 3]  # warmup 3, then every 3rd
+    assert "schedule_missing" in handle.last_run.warnings
+    handle.disable()
+
+
+@pytest.mark.parametrize("schedule, field", [
+    ({"9": [1, 4]}, "options.schedule.9"),  # step 0 must compute: nothing to forecast from before it
+    ({"9": [0, 9]}, "options.schedule.9"),  # past the last step
+    ({"9": [0, 0, 3]}, "options.schedule.9"),
+    ({"nine": [0, 3]}, "options.schedule"),
+    ([0, 3], "options.schedule"),
+])
+def test_a_bad_schedule_is_refused_naming_the_field(schedule, field):
+    with pytest.raises(DiTCacheConfigError, match=field.replace(".", r"\.")):
+        enable_dit_cache(PolyDiT(), **{**_config("time", True), "options": {"schedule": schedule}})

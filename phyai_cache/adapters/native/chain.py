@@ -133,6 +133,11 @@ class NativeRunState:
     plan: RunPlan
     shared: SharedDecisions
     branches: dict[str, BranchCache] = field(default_factory=dict)
+    rules: StepRules | None = None  # the plan's, or its calibrated schedule for this run's step count
+
+    def __post_init__(self) -> None:
+        if self.rules is None:
+            self.rules = self.plan.rules
 
     def nbytes(self) -> int:
         return sum(cache.nbytes() for cache in list(self.branches.values()))  # list(): one C call, thread-safe
@@ -249,7 +254,7 @@ class ChainInstallation(Installation):
             plan.method.check_run(plan.options, run)
         shared = (SharedDecisions(enabled=not plan.separate_cfg) if self.parallel is None
                   else self.parallel.shared_decisions(enabled=not plan.separate_cfg))
-        self.runs.open(run, NativeRunState(plan, shared))
+        self.runs.open(run, NativeRunState(plan, shared, rules=scheduled_rules(plan, run)))
 
     def end_run(self, run: RunState) -> None:
         self.runs.close(run)
@@ -499,7 +504,7 @@ class ChainInstallation(Installation):
         if gap is None and cache.method is not None:
             gap = cache.method.gap(group.inputs)
         verify = None if plan.verify is None else functools.partial(self._verify, group, plan.verify)
-        decision = decide(call.step, call.branch, plan.rules, cache, group.state.shared, group.key, gap=gap,
+        decision = decide(call.step, call.branch, group.state.rules, cache, group.state.shared, group.key, gap=gap,
                           measure=measure, commit=False, verify=verify)
         if forward.per_row:
             self._commit(group, decision)
@@ -686,6 +691,24 @@ def native_plan(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.
 def _forecaster(config: DiTCacheConfig, options: Mapping[str, Any]) -> Forecaster:
     return Forecaster(config.taylorseer_order or 0, options.get("forecast", "taylor"),
                       options.get("forecast_axis", DEFAULT_FORECAST_AXIS))
+
+
+def scheduled_rules(plan: RunPlan, run: RunState) -> StepRules | None:
+    """options.schedule: the run's steps to compute, calibrated for its step count (``phyai-cache tune``
+    searches them), as a compute mask; None (the plan's own rules) when the run's step count has no
+    schedule, which is warned once per run: the interval then decides."""
+    schedules = plan.options.get("schedule") if plan.enabled else None
+    if not schedules:
+        return None
+    steps = run.stats.num_inference_steps
+    computed = schedules.get(steps)
+    if computed is None:
+        run.warn_once("schedule_missing", f"phyai_cache: options.schedule has schedules for {sorted(schedules)} "
+                                          f"steps, not for this run's {steps}; cache_interval={plan.config.cache_interval} "
+                                          "decides instead")
+        return None
+    mask = [1 if step in computed else 0 for step in range(steps)]
+    return StepRules(plan.config.replace(compute_mask=mask, cache_interval=None, warmup_steps=0))
 
 
 class _Calibrating(StepRules):

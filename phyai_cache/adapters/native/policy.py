@@ -112,31 +112,16 @@ class ResidualHistory:
 
     def predict(self, step: int, position: float | None = None) -> torch.Tensor:
         x = float(step) if position is None else position
-        value = self.factors[0]
-        if len(self.factors) > 1 and self.form in ("taylor", "newton"):
-            value = self._polynomial(value, x)
-        elif len(self.factors) > 1:
-            value = value + EXPERIMENTAL[self.form](self, step, x)
-        if self.output_dtype is not None and value.dtype != self.output_dtype:
-            value = value.to(self.output_dtype)
-        return value
-
-    def _polynomial(self, value: torch.Tensor, x: float) -> torch.Tensor:
-        weight = 1.0
+        value, weight = self.factors[0], 1.0
         for i, factor in enumerate(self.factors[1:], start=1):
             if self.form == "taylor":
                 weight = (x - self.points[0]) ** i / math.factorial(i)
             else:  # newton: prod_{j<i} (x - x_j) over the newest computed points
                 weight *= x - self.points[i - 1]
             value = value + factor * weight
+        if self.output_dtype is not None and value.dtype != self.output_dtype:
+            value = value.to(self.output_dtype)
         return value
-
-    def correction(self, x: float, form: str = "taylor") -> torch.Tensor:
-        saved, self.form = self.form, form
-        try:
-            return self._polynomial(torch.zeros_like(self.factors[0]), x)
-        finally:
-            self.form = saved
 
     def nbytes(self) -> int:
         return tensor_bytes(*self.factors)
@@ -179,48 +164,3 @@ class BranchCache(BranchCounters):
             self.front = self.output = None
         super().record(cached, key)
 
-
-# -- experimental forms (measured in docs/benchmarks.md; kept only if they win) ---------------
-
-
-def _hermite(history: ResidualHistory, step: int, x: float) -> torch.Tensor:
-    """HiCache-style: the Taylor basis g^i replaced by scaled Hermite polynomials sigma^i He_i(g / sigma),
-    sigma the last gap between computed points (He_1 = y, He_2 = y^2 - 1, He_3 = y^3 - 3y)."""
-    g = x - history.points[0]
-    sigma = abs(history.points[0] - history.points[1]) if len(history.points) > 1 else 1.0
-    he = [1.0, g / sigma]
-    for n in range(1, len(history.factors)):
-        he.append((g / sigma) * he[n] - n * he[n - 1])
-    terms = [f * (sigma**i * he[i] / math.factorial(i)) for i, f in enumerate(history.factors[1:], start=1)]
-    return sum(terms[1:], terms[0])
-
-
-def _foca(history: ResidualHistory, step: int, x: float) -> torch.Tensor:
-    """FoCa-style predictor-corrector (Cache-DiT's calibrator): the Newton predictor, and beyond a
-    horizon of 3 steps from the last computed one the forecast is blended back toward it."""
-    elapsed = step - history.last_step
-    if elapsed <= 3:
-        return history.correction(x, "newton")
-    w = 3.0 / elapsed
-    return w * history.correction(history.points[0] + (x - history.points[0]) * w, "newton")
-
-
-def _frequency_split(history: ResidualHistory, step: int, x: float) -> torch.Tensor:
-    """FreqCa-style: the low frequencies reused from the last computed step, the high ones forecast.
-    Frequencies along the tokens (dim 1 of a (batch, tokens, channels) tensor) or the last two
-    (spatial) dims of an image/video latent; below a quarter of the Nyquist frequency counts as low."""
-    correction = history.correction(x, "taylor")
-    dims = (1,) if correction.dim() == 3 else tuple(range(max(1, correction.dim() - 2), correction.dim()))
-    spectrum = torch.fft.rfftn(correction.float(), dim=dims)
-    low_band = torch.ones((), dtype=torch.bool, device=correction.device)
-    for d in dims:
-        size = correction.shape[d]
-        frequencies = torch.fft.rfftfreq(size) if d == dims[-1] else torch.fft.fftfreq(size)
-        shape = [1] * spectrum.dim()
-        shape[d] = frequencies.numel()
-        low_band = low_band & (frequencies.abs() < 0.125).to(correction.device).reshape(shape)
-    low = torch.fft.irfftn(spectrum * low_band, s=[correction.shape[d] for d in dims], dim=dims)
-    return correction - low.to(correction.dtype)
-
-
-EXPERIMENTAL = {"hermite": _hermite, "foca": _foca, "freq": _frequency_split}

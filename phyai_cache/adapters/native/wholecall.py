@@ -149,7 +149,7 @@ def decide_ahead(engine: ChainInstallation, call: CallInfo, args: tuple, kwargs:
     if gap is None and method is not None:
         gap = method.gap(group.inputs)
     measure = None if method is None else functools.partial(method.measure, group.inputs)
-    group.decision = decide(call.step, call.branch, plan.rules, cache, state.shared, group.key, gap=gap,
+    group.decision = decide(call.step, call.branch, state.rules, cache, state.shared, group.key, gap=gap,
                             measure=measure, commit=False)
     return group
 
