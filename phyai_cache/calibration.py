@@ -56,9 +56,9 @@ class CalibrationResult:
     def to_preset(self, name: str, details: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
         config = self.config(**fields).to_dict()
         spec = get_strategy(self.strategy)
+        always = ("enabled", "backend", "strategy", "options", "calibrated_on")
         kept = {k: v for k, v in config.items()
-                if k in ("enabled", "backend", "strategy", "options", "calibrated_on") or (k in spec.fields and v is not None
-                                                                          and not (k == "active_steps" and v == [0, None]))}
+                if k in always or (k in spec.fields and v is not None and not (k == "active_steps" and v == [0, None]))}
         return {"preset": {"name": name, "trades": f"{self.strategy} with options calibrated on this pipeline "
                                                    "(threshold not tuned)",
                            "calibrated": False, "calibration_runs": self.runs, "calibration_steps": self.steps,

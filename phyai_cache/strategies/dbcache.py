@@ -15,7 +15,7 @@ SPEC = StrategySpec(
     defaults={"threshold": 0.12, "front_blocks": 1, "back_blocks": 1, "warmup_steps": 2},
     backends=("native", "cache_dit"),
     not_served={"diffusers": "diffusers has no dual-block cache (dbcache: backends native, cache_dit)"},
-    native=NativeMethod(measured=True, options={**FORECAST_OPTIONS, "verify": positive_number, "streams": STREAMS}),
+    native=NativeMethod(measured=True, options={"verify": positive_number, "streams": STREAMS, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1, "front_blocks": 1, "back_blocks": 1},
     sweep="threshold",
 )

@@ -29,7 +29,7 @@ SPEC = StrategySpec(
     not_served={"diffusers": "diffusers has no EasyCache hook (easycache: backend native)",
                 "cache_dit": "cache-dit does not implement EasyCache"},
     native=NativeMethod(measured=False, method="easycache:EasyCacheMethod",
-                        options={**FORECAST_OPTIONS, "skip_call": boolean}),
+                        options={"skip_call": boolean, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     sweep="threshold",
 )

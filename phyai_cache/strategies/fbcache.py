@@ -17,7 +17,7 @@ SPEC = StrategySpec(
     fixed_hint="fbcache always computes exactly the first block; use strategy 'dbcache' for other "
                "front/back block counts",
     backends=("native", "cache_dit", "diffusers"),
-    native=NativeMethod(measured=True, options={**FORECAST_OPTIONS, "verify": positive_number, "streams": STREAMS}),
+    native=NativeMethod(measured=True, options={"verify": positive_number, "streams": STREAMS, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     sweep="threshold",
 )

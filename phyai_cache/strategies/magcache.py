@@ -76,7 +76,7 @@ SPEC = StrategySpec(
     backends=("native", "diffusers"),
     not_served={"cache_dit": "cache-dit does not implement MagCache"},
     native=NativeMethod(measured=False, method="magcache:MagCacheMethod",
-                        options={**FORECAST_OPTIONS, "mag_ratios": ratios, "calibrate": boolean, "skip_call": boolean}),
+                        options={"mag_ratios": ratios, "calibrate": boolean, "skip_call": boolean, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1, "options": {"mag_ratios": [1.0, 1.0]}},
     sweep="threshold",
     calibration=Calibration(options=("mag_ratios",), fit=calibrated_options),

@@ -18,8 +18,8 @@ SPEC = StrategySpec(
     backends=("native", "diffusers"),
     not_served={"cache_dit": "cache-dit has no standalone TaylorSeer: its TaylorSeer is a calibrator on top of "
                              "DBCache (strategy 'dbcache' or 'fbcache' with taylorseer_order=k here)"},
-    native=NativeMethod(measured=False, options={**FORECAST_OPTIONS, "verify": positive_number, "skip_call": boolean,
-                                                 "schedule": schedules}),
+    native=NativeMethod(measured=False, options={"verify": positive_number, "skip_call": boolean,
+                                                 "schedule": schedules, **FORECAST_OPTIONS}),
     hit_settings={"warmup_steps": 1, "taylorseer_order": 1},
     sweep="interval",
 )

@@ -396,7 +396,8 @@ class ChainInstallation(Installation):
         """Where ``call`` lies on its run's forecast axis: its own rows' timestep, or its step index
         where no time can be read (warned once per run when the run asked for time)."""
         forecaster = state.plan.forecaster
-        time = self.lifecycle.target.signature.timestep_value(call.args, call.kwargs) if forecaster.axis == "time" else None
+        signature = self.lifecycle.target.signature
+        time = signature.timestep_value(call.args, call.kwargs) if forecaster.axis == "time" else None
         if isinstance(time, torch.Tensor) and time.dim() > 0 and time.shape[0] > 1 and call.rows != slice(None):
             time = time[call.rows]  # a step-level batch: each row's request is at its own time
         position, is_time = forecast_position(forecaster, time, call.step)
@@ -408,8 +409,8 @@ class ChainInstallation(Installation):
         transformer = type(self.lifecycle.target.transformer).__name__
         found = (f"a {time.dtype} tensor" if isinstance(time, torch.Tensor) else type(time).__name__)
         return (f"phyai_cache: options.forecast_axis 'time' needs {transformer}'s calls to pass their timestep "
-                f"({self.lifecycle.target.signature.describe_timestep()}) as a number or an integer, float32 or float64 tensor; "
-                f"found {found}, so this run forecasts over the step index")
+                f"({self.lifecycle.target.signature.describe_timestep()}) as a number or an integer, float32 or "
+                f"float64 tensor; found {found}, so this run forecasts over the step index")
 
     def _branch_cache(self, state: NativeRunState, call: CallInfo) -> BranchCache:
         cache = state.branches.setdefault(call.branch, BranchCache())
@@ -703,9 +704,9 @@ def scheduled_rules(plan: RunPlan, run: RunState) -> StepRules | None:
     steps = run.stats.num_inference_steps
     computed = schedules.get(steps)
     if computed is None:
-        run.warn_once("schedule_missing", f"phyai_cache: options.schedule has schedules for {sorted(schedules)} "
-                                          f"steps, not for this run's {steps}; cache_interval={plan.config.cache_interval} "
-                                          "decides instead")
+        run.warn_once("schedule_missing", f"phyai_cache: options.schedule has schedules for {sorted(schedules)} steps, "
+                                          f"not for this run's {steps}; cache_interval="
+                                          f"{plan.config.cache_interval} decides instead")
         return None
     mask = [1 if step in computed else 0 for step in range(steps)]
     return StepRules(plan.config.replace(compute_mask=mask, cache_interval=None, warmup_steps=0))
