@@ -245,10 +245,11 @@ def warn_if_calibrated_elsewhere(config: DiTCacheConfig, model: Any) -> bool:
     if pair not in _WARNED_CALIBRATION:
         _WARNED_CALIBRATION.add(pair)
         logger.warning(
-            "phyai_cache: this %s config was calibrated on %s, not %s; its quality tier may not hold here. "
-            "Tune it for this model in one command: `phyai-cache tune --pipeline MODULE:FUNCTION --strategy %s "
-            "--out-dir <dir>` (or `phyai-cache calibrate` for the %s options alone); see docs/tuning.md",
-            config.strategy, config.calibrated_on, found, config.strategy, config.strategy)
+            "phyai_cache: this %s config was calibrated on %s, not %s; its quality tier may not hold here. Tune "
+            "it for this model in one command: `phyai-cache tune --pipeline FILE.py:FUNCTION --strategy %s "
+            "--target-psnr 40 --out my-preset.yaml` (or `phyai-cache calibrate --pipeline ...` for its calibrated "
+            "options alone); see docs/benchmarks.md, \"Tune a preset for your own model\"",
+            config.strategy, config.calibrated_on, found, config.strategy)
     return True
 
 

@@ -298,7 +298,8 @@ def _search_schedule(evaluator: Evaluator, config: DiTCacheConfig, target: float
                      ) -> tuple[DiTCacheConfig, Measurement] | None:
     """The fewest computed steps per step count (``options.schedule``) that keep ``target``.
 
-    For each case (step count), from 4 computed steps up: start from evenly spaced steps, then move
+    For each case (step count), from 4 computed steps up: start from steps 0, 2 and evenly spaced
+    ones up to 6/7 of the run, then move
     one computed step at a time by ``moves`` and keep a move when the case's PSNR rises (coordinate
     ascent, ``rounds`` passes); the first count whose best schedule meets the target is kept. A
     calibrated schedule puts the computed steps where the forecast would miss most: on the reference
@@ -332,7 +333,10 @@ def _search_case_schedule(evaluator: Evaluator, config: DiTCacheConfig, schedule
         return -math.inf if measured is None else measured.by_case[name]["psnr_db"]
 
     for computed in range(4, max(5, steps // 2)):
-        points = sorted({0, *(round((steps - 1) * (i + 1) / computed) for i in range(computed - 1))})
+        # Start from steps 0 and 2 (a slope taken early, where the output changes fastest) and the rest
+        # evenly spaced up to about 6/7 of the run: where every search on the reference models ended.
+        last = steps - 1 - (steps - 1) // 7
+        points = sorted({0, 2, *(round(2 + (last - 2) * (i + 1) / (computed - 2)) for i in range(computed - 2))})
         best = psnr(points)
         for _ in range(rounds):  # coordinate ascent: move one computed step at a time
             moved = False
