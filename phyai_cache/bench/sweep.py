@@ -39,9 +39,11 @@ FORECAST_THRESHOLDS: dict[str, tuple[float, ...]] = {
 }
 # Native-only forms, compared with the rows above in the same table: whole-call skipping
 # (options.skip_call: a cached step runs nothing of the model) against the block-level form at equal
-# schedules, and the verified forecaster (options.verify) against the unverified one.
+# schedules, and the verified forecaster (options.verify) against the unverified one
 NATIVE_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
-    "taylorseer": tuple({"cache_interval": n, "options": {"skip_call": True}} for n in (4, 6, 8)),
+    # ... and the forecast over the sampler's time beside the step index's (options.forecast_axis)
+    "taylorseer": (*({"cache_interval": n, "options": {"skip_call": True}} for n in (4, 6, 8)),
+                   {"cache_interval": 8, "options": {"skip_call": True, "forecast_axis": "time"}}),
     "magcache": ({"threshold": 1.0, "taylorseer_order": 1, "max_consecutive_cached": 4, "options": {"skip_call": True}},
                  {"threshold": 3.0, "taylorseer_order": 2, "max_consecutive_cached": 8, "options": {"skip_call": True}}),
     "easycache": ({"threshold": 0.1, "taylorseer_order": 1, "options": {"skip_call": True}},),
