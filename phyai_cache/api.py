@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .blocks import BlocksArg
-from .config import ConfigSource, DiTCacheConfig, load_config, with_overrides
+from .config import ConfigSource, DiTCacheConfig, load_config, warn_if_calibrated_elsewhere, with_overrides
 from .distributed import resolve_parallel
 from .errors import CacheStateError
 from . import objects
@@ -217,6 +217,7 @@ def enable_dit_cache(target: Any, config: ConfigSource = None, *, blocks: Blocks
     """
     resolved = load_config(config, **overrides)
     cache_target = resolve_target(target)
+    warn_if_calibrated_elsewhere(resolved, cache_target.transformer)
     _ensure_not_enabled(cache_target)
     cache_target.parallel = resolve_parallel(cache_target.transformer, process_group, cfg_group)
     if not resolved.enabled:

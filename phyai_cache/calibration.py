@@ -44,19 +44,21 @@ class CalibrationResult:
     runs: int
     steps: list[int]  # the step count of each calibration run
     records: list[list[StepRecord]] = field(default_factory=list, repr=False)
+    calibrated_on: str | None = None  # the transformer class the runs were on (DiTCacheConfig.calibrated_on)
 
     def config(self, **fields: Any) -> DiTCacheConfig:
         """An enabled config of the strategy with the calibrated options (``fields`` added; options
         given there are merged over the calibrated ones)."""
         options = {**self.options, **dict(fields.pop("options", None) or {})}
+        fields.setdefault("calibrated_on", self.calibrated_on)
         return DiTCacheConfig(enabled=True, strategy=self.strategy, options=options, **fields)
 
     def to_preset(self, name: str, details: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
         config = self.config(**fields).to_dict()
         spec = get_strategy(self.strategy)
+        always = ("enabled", "backend", "strategy", "options", "calibrated_on")
         kept = {k: v for k, v in config.items()
-                if k in ("enabled", "backend", "strategy", "options") or (k in spec.fields and v is not None
-                                                                          and not (k == "active_steps" and v == [0, None]))}
+                if k in always or (k in spec.fields and v is not None and not (k == "active_steps" and v == [0, None]))}
         return {"preset": {"name": name, "trades": f"{self.strategy} with options calibrated on this pipeline "
                                                    "(threshold not tuned)",
                            "calibrated": False, "calibration_runs": self.runs, "calibration_steps": self.steps,
@@ -87,6 +89,7 @@ def calibrate(pipe: Any, call_kwargs: CallArguments | Sequence[CallArguments], s
     import torch
 
     from .api import enable_dit_cache, get_cache_handle
+    from .lifecycle import resolve_target
 
     if strategy not in strategy_names():
         raise DiTCacheConfigError("strategy", strategy, ", ".join(repr(s) for s in strategy_names()))
@@ -118,7 +121,8 @@ def calibrate(pipe: Any, call_kwargs: CallArguments | Sequence[CallArguments], s
     except ValueError as error:
         raise DiTCacheConfigError("call_kwargs", f"{len(calls)} call(s)", "calls that run the transformer for at "
                                   "least three steps", hint=str(error)) from error
-    return CalibrationResult(strategy, fitted, len(calls), steps, records)
+    model_class = type(resolve_target(pipe).transformer).__name__
+    return CalibrationResult(strategy, fitted, len(calls), steps, records, model_class)
 
 
 def _calls(call_kwargs: Any, seeds: Sequence[int]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,8 @@ import yaml
 
 from .errors import DiTCacheConfigError, did_you_mean
 from .strategies import BACKENDS, STRATEGY_SPECIFIC_FIELDS, backend_names, get_strategy, strategy_names
+
+logger = logging.getLogger(__name__)
 
 MAX_TAYLORSEER_ORDER = 4
 
@@ -77,6 +80,11 @@ class DiTCacheConfig:
         for all branches (state is still kept per branch); ``"auto"``: the backend's best choice.
     options:
         Backend-specific settings passed through after validation by the backend.
+    calibrated_on:
+        The transformer class (``type(model).__name__``) whose runs the config's values were tuned or
+        calibrated on; a preset records it. Enabling the config on another class logs a warning once
+        (:func:`warn_if_calibrated_elsewhere`) naming ``phyai-cache tune`` / ``calibrate``. ``None``:
+        not recorded, no check.
     """
 
     enabled: bool = False
@@ -94,6 +102,7 @@ class DiTCacheConfig:
     compute_mask: tuple[int, ...] | None = None
     separate_cfg: SeparateCFG = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
+    calibrated_on: str | None = None
 
     def __post_init__(self) -> None:
         self._set("enabled", _check_bool("enabled", self.enabled))
@@ -137,6 +146,9 @@ class DiTCacheConfig:
         if not (isinstance(self.separate_cfg, bool) or self.separate_cfg == "auto"):
             raise DiTCacheConfigError("separate_cfg", self.separate_cfg, "true, false or 'auto'")
         self._set("options", _check_options(self.options))
+        if self.calibrated_on is not None and (not isinstance(self.calibrated_on, str) or not self.calibrated_on):
+            raise DiTCacheConfigError("calibrated_on", self.calibrated_on, "a transformer class name, or null",
+                                      hint="e.g. FluxTransformer2DModel: the class the values were tuned on")
 
     def _check_strategy_fields(self) -> None:
         spec = get_strategy(self.strategy)
@@ -218,6 +230,29 @@ _STRATEGY_INDEPENDENT_FIELDS = ("enabled", "backend", "strategy", "separate_cfg"
 
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in fields(DiTCacheConfig))
+
+
+_WARNED_CALIBRATION: set[tuple[str, str]] = set()
+
+
+def warn_if_calibrated_elsewhere(config: DiTCacheConfig, model: Any) -> bool:
+    """Log a warning (once per process for each pair of classes) when ``config`` was calibrated on
+    another transformer class than ``model``'s; True when it was. Thresholds, schedules and
+    calibrated options (TeaCache's polynomial, MagCache's ratios) do not always carry over: a
+    TeaCache preset tuned on one model lost its quality tier on another."""
+    found = type(model).__name__
+    if not config.enabled or config.calibrated_on is None or config.calibrated_on == found:
+        return False
+    pair = (config.calibrated_on, found)
+    if pair not in _WARNED_CALIBRATION:
+        _WARNED_CALIBRATION.add(pair)
+        logger.warning(
+            "phyai_cache: this %s config was calibrated on %s, not %s; its quality tier may not hold here. Tune "
+            "it for this model in one command: `phyai-cache tune --pipeline FILE.py:FUNCTION --strategy %s "
+            "--target-psnr 40 --out my-preset.yaml` (or `phyai-cache calibrate --pipeline ...` for its calibrated "
+            "options alone); see docs/benchmarks.md, \"Tune a preset for your own model\"",
+            config.strategy, config.calibrated_on, found, config.strategy)
+    return True
 
 
 # -- loading ------------------------------------------------------------------------------------

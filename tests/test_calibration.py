@@ -136,3 +136,32 @@ def test_cli_calibrate_writes_a_loadable_preset(tmp_path, capsys):
     config = load_config(out)
     assert config.strategy == "teacache" and len(config.options["coefficients"]) == 5
     assert "coefficients" in capsys.readouterr().out
+
+
+FACTORY = '''
+from phyai_cache_lab import reference
+
+_PIPES = []
+
+
+def make(steps):
+    if not _PIPES:
+        _PIPES.append(reference.load_pipeline())
+    return _PIPES[0], lambda seed: reference.call_kwargs([1, 7], num_inference_steps=steps, seed=seed)
+'''
+
+
+def test_cli_calibrate_on_a_pipeline_of_ones_own_records_its_model_class(tmp_path):
+    """`--pipeline FILE.py:FUNCTION` is the one-command path for a user's model: the preset it writes
+    records the transformer class, and enabling it on another class warns (tests/adapters/test_native_forecast.py)."""
+    from phyai_cache.cli import main
+
+    factory = tmp_path / "my_model.py"
+    factory.write_text(FACTORY)
+    out = tmp_path / "mine.yaml"
+    assert main(["calibrate", "--strategy", "magcache", "--pipeline", f"{factory}:make", "--steps", "8",
+                 "--seeds", "0", "--out", str(out)]) == 0
+    config = load_config(out)
+    assert config.calibrated_on == "FluxTransformer2DModel" and len(config.options["mag_ratios"]) == 8
+    with pytest.raises(SystemExit, match="MODULE:FUNCTION"):
+        main(["calibrate", "--strategy", "magcache", "--pipeline", str(factory)])

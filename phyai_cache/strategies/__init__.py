@@ -105,6 +105,9 @@ class Calibration:
     fit: Any
 
 
+SEARCH_SCHEDULE = "search_schedule"  # a Sweep.search key (not a config field): tune searches options.schedule
+
+
 @dataclass(frozen=True)
 class Sweep:
     """What the bench sweeps and ``tune`` searches for a strategy.
@@ -124,7 +127,8 @@ class Sweep:
         forecaster), so its forms are compared in the same table.
     search:
         The structural variants ``tune`` searches, each with its own knob search (fields the strategy
-        does not use are dropped).
+        does not use are dropped). A variant with ``SEARCH_SCHEDULE: True`` searches which steps
+        compute (``options.schedule``, per step count) instead of the knob.
     """
 
     knob: str

@@ -164,6 +164,12 @@ def patterns(label: str, value: Any) -> list[str]:
 # decides on the largest change (the default); "pooled" measures the whole sequence at once.
 STREAMS = choice("worst", "pooled")
 
+# How a strategy's forecaster (``taylorseer_order`` >= 1) extrapolates, and along what
+# (adapters/native/history.py): every strategy that forecasts declares both with FORECAST_OPTIONS.
+FORECASTS = ("taylor", "newton")
+FORECAST_AXES = ("time", "step")
+FORECAST_OPTIONS: dict[str, Check] = {"forecast": choice(*FORECASTS), "forecast_axis": choice(*FORECAST_AXES)}
+
 
 def _ratio_list(label: str, value: Any) -> list[float]:
     allowed = "a non-empty list of positive per-step magnitude ratios, or a mapping {step count: list}"
@@ -194,6 +200,26 @@ def ratios(label: str, value: Any) -> list[float] | dict[int, list[float]]:
             converted[steps] = _ratio_list(f"{label}.{key}", item)
         return converted
     return _ratio_list(label, value)
+
+
+def schedules(label: str, value: Any) -> dict[int, tuple[int, ...]]:
+    """taylorseer's calibrated schedules: ``{step count: [the steps that compute]}`` (0-based, step 0
+    among them; ``phyai-cache tune`` writes them). A run whose step count has none uses
+    ``cache_interval``."""
+    allowed = "a mapping {step count: list of the steps that compute, 0-based, including 0}"
+    if not isinstance(value, Mapping) or not value:
+        raise DiTCacheConfigError(label, value, allowed)
+    converted = {}
+    for key, steps in value.items():
+        count = int(key) if isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit()) else 0
+        if count < 1 or isinstance(key, bool):
+            raise DiTCacheConfigError(label, key, "step counts (integers >= 1) as keys")
+        if (not isinstance(steps, (list, tuple)) or not steps
+                or any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < count for s in steps)
+                or 0 not in steps or len(set(steps)) != len(steps)):
+            raise DiTCacheConfigError(f"{label}.{key}", steps, f"distinct steps in 0..{count - 1}, including 0")
+        converted[count] = tuple(sorted(steps))
+    return converted
 
 
 def coefficients(label: str, value: Any) -> list[float]:

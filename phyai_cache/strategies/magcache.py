@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import Calibration, NativeMethod, StrategySpec, Sweep
-from ._options import boolean, ratios
+from ._options import FORECAST_OPTIONS, boolean, ratios
 
 
 def ratios_for_steps(value: list[float] | Mapping[int, list[float]], steps: int) -> list[float]:
@@ -76,7 +76,7 @@ SPEC = StrategySpec(
     backends=("native", "diffusers"),
     not_served={"cache_dit": "cache-dit does not implement MagCache"},
     native=NativeMethod(measured=False, method="magcache:MagCacheMethod",
-                        options={"mag_ratios": ratios, "calibrate": boolean, "skip_call": boolean}),
+                        options={"mag_ratios": ratios, "calibrate": boolean, "skip_call": boolean, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1, "options": {"mag_ratios": [1.0, 1.0]}},
     # Accumulated |1 - prod gamma| with the ratios calibrated on the workload, under the default streak
     # cap 3; the native engine also skips whole calls, where the forecaster carries longer streaks.

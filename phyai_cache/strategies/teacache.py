@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import STEP_SCHEDULE, Calibration, NativeMethod, StrategySpec, Sweep
-from ._options import boolean, choice, coefficients
+from ._options import FORECAST_OPTIONS, boolean, choice, coefficients
 
 DEGREE = 4  # TeaCache's polynomial degree
 
@@ -59,7 +59,7 @@ SPEC = StrategySpec(
                 "cache_dit": "cache-dit does not implement TeaCache"},
     native=NativeMethod(measured=False, method="teacache:TeaCacheMethod",
                         options={"coefficients": coefficients, "probe": choice("auto", "modulated", "input"),
-                                 "calibrate": boolean}),
+                                 "calibrate": boolean, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     # An accumulated estimate of the output change (relative L1) over a streak.
     sweep=Sweep("threshold", grid=(0.1, 0.2, 0.4), quick=(0.2,), forecast=(0.4,),

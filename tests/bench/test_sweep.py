@@ -68,7 +68,9 @@ def test_presets_are_swept_once_on_the_backend_auto_picks():
 
 
 # The points the bench swept when the grids were tables keyed by strategy name in the bench (sweep.py) and
-# tune.py; they moved into the declarations (StrategySpec.sweep) and must sweep the same points.
+# tune.py; they moved into the declarations (StrategySpec.sweep) and must sweep the same points, plus
+# the two the forecast work added deliberately (issue 21): taylorseer's row forecasting over the
+# sampler's time, and tune's search of taylorseer's computed steps (options.schedule).
 # strategy -> (full sweep on the native engine, the native-only forms among them, --quick sweep)
 SWEPT_BEFORE_THE_GRIDS_MOVED = {
     "dbcache": (["t=0.2", "t=0.4", "t=0.4 o=1", "t=0.5 o=1"], [], ["t=0.4 o=1"]),
@@ -79,8 +81,9 @@ SWEPT_BEFORE_THE_GRIDS_MOVED = {
     "magcache": (["t=0.1", "t=0.2", "t=0.4", "t=0.4 o=1", "t=1.0 o=1", "t=1.0 o=1 K=4 skip-call",
                   "t=3.0 o=2 K=8 skip-call"], ["t=1.0 o=1 K=4 skip-call", "t=3.0 o=2 K=8 skip-call"], ["t=0.2"]),
     "seacache": (["t=0.125", "t=0.25", "t=0.5"], [], ["t=0.25"]),
-    "taylorseer": (["n=2", "n=3", "n=4", "n=4 o=2", "n=4 skip-call", "n=6 skip-call", "n=8 skip-call"],
-                   ["n=4 skip-call", "n=6 skip-call", "n=8 skip-call"], ["n=3"]),
+    "taylorseer": (["n=2", "n=3", "n=4", "n=4 o=2", "n=4 skip-call", "n=6 skip-call", "n=8 skip-call",
+                    "n=8 skip-call forecast_axis=time"],
+                   ["n=4 skip-call", "n=6 skip-call", "n=8 skip-call", "n=8 skip-call forecast_axis=time"], ["n=3"]),
     "teacache": (["t=0.1", "t=0.2", "t=0.4", "t=0.4 o=1"], [], ["t=0.2"]),
     **{name: ([""], [], [""]) for name in ("fastercache", "pab", "textkv")},
 }
@@ -92,7 +95,8 @@ TUNE_SEARCHED_BEFORE_THE_GRIDS_MOVED = {
     "magcache": [{}, {"taylorseer_order": 1},
                  {"taylorseer_order": 1, "max_consecutive_cached": 4, "options": {"skip_call": True}},
                  {"taylorseer_order": 2, "max_consecutive_cached": 8, "options": {"skip_call": True}}],
-    "taylorseer": [{"taylorseer_order": 1}, {"taylorseer_order": 2}],
+    "taylorseer": [{"taylorseer_order": 1}, {"taylorseer_order": 2},
+                   {"taylorseer_order": 2, "options": {"skip_call": True}, "search_schedule": True}],
     "teacache": [{}, {"taylorseer_order": 1}],
     **{name: [{}] for name in ("fastercache", "pab", "seacache", "textkv")},
 }

@@ -105,3 +105,24 @@ def test_cli_tune_writes_a_preset(tmp_path, capsys):
     assert meta["name"] == "digits-fast" and meta["steps"] == [8] and meta["heldout"]["psnr_db"] >= 28
     assert meta["command"].startswith("phyai-cache tune --target-psnr 28.0")
     assert load_config(out).strategy == "fbcache"
+
+
+@pytest.mark.slow
+def test_tune_searches_a_schedule_with_fewer_computed_steps_than_the_best_interval():
+    """The schedule variant places the computed steps (options.schedule) and keeps the target with
+    fewer of them than any interval that keeps it (measured on the same calibration seed)."""
+    from phyai_cache.strategies import SEARCH_SCHEDULE
+
+    workload = reference_workload(steps=12, batch_size=2)
+    kwargs = dict(target_psnr=30.0, strategy="taylorseer", extract=workload.extract, calibration_seeds=(0,),
+                  heldout_seeds=(1,), max_interval=6, timing_pairs=0)
+    pipe = load_pipeline()
+    scheduled = tune(pipe, {"12 steps": workload.call_kwargs}, variants=[
+        {"taylorseer_order": 2, "options": {"skip_call": True}, SEARCH_SCHEDULE: True}], **kwargs)
+    interval = tune(pipe, {"12 steps": workload.call_kwargs}, variants=[
+        {"taylorseer_order": 2, "options": {"skip_call": True}}], **kwargs)
+    computed = scheduled.config.options["schedule"]["12"]
+    assert scheduled.met and computed[0] == 0 and len(computed) >= 4
+    assert load_config(scheduled.config.to_dict()).options["schedule"] == {"12": computed}
+    assert scheduled.calibration.compute_fraction <= interval.calibration.compute_fraction
+    assert scheduled.config.calibrated_on == "FluxTransformer2DModel"

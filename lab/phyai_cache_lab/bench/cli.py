@@ -36,6 +36,7 @@ def _add_calibrate(subparsers: Any) -> None:
                     "calibrated options (MagCache's magnitude ratios, TeaCache's polynomial) into a preset. "
                     "On your own pipeline use phyai_cache.calibrate(pipe, call_kwargs, strategy=...).")
     calibrate.add_argument("--strategy", required=True, help="magcache or teacache")
+    _add_pipeline_option(calibrate)
     calibrate.add_argument("--steps", type=int, action="append", metavar="N",
                            help="denoising steps; repeat for one calibration per step count (default 20)")
     calibrate.add_argument("--seeds", default="100", help="comma list of seeds, one run each per step count")
@@ -48,24 +49,65 @@ def _add_calibrate(subparsers: Any) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from phyai_cache_lab import reference
     from phyai_cache.calibration import calibrate
-    from .workload import reference_workload
 
     apply_threads(args)
     steps = args.steps or [20]
-    workloads = [reference_workload(s, args.batch_size, args.cfg) for s in steps]
-    print(f"calibrate {args.strategy}: reference digits DiT, steps {steps}, seeds {args.seeds}, "
-          f"batch {args.batch_size}")
-    result = calibrate(reference.load_pipeline(), [w.call_kwargs for w in workloads], strategy=args.strategy,
-                       seeds=_ints(args.seeds))
+    pipe, cases, model = _pipeline_cases(args, steps)
+    print(f"calibrate {args.strategy}: {model['model']}, steps {steps}, seeds {args.seeds}")
+    result = calibrate(pipe, list(cases.values()), strategy=args.strategy, seeds=_ints(args.seeds))
     print(yaml_dump({"options": result.options}), end="")
     if args.out:
-        details = {"model": workloads[0].details["model"], "steps": steps, "batch_size": args.batch_size,
-                   "cfg_scale": args.cfg, "seeds": _ints(args.seeds), "command": _command_line(args)}
+        details = {"model": model["model"], "steps": steps, **model, "seeds": _ints(args.seeds),
+                   "command": _command_line(args)}
         path = result.write_preset(args.out, args.name, details)
         print(f"wrote {path}")
     return 0
+
+
+def _add_pipeline_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", metavar="MODULE:FUNCTION",
+                        help="your own model instead of the reference one: FUNCTION(steps) in MODULE (importable, "
+                             "or a .py path) returns (pipeline, call_kwargs), call_kwargs(seed) giving one pipeline "
+                             "call's keyword arguments; the preset records the transformer class (calibrated_on)")
+
+
+def _pipeline_cases(args: argparse.Namespace, steps: list[int]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The pipeline to tune or calibrate, its call arguments per step count (``"20 steps": seed ->
+    kwargs``) and what a preset says about it: the reference model, or ``--pipeline``'s."""
+    if not args.pipeline:
+        from .. import reference
+        from .workload import reference_workload
+
+        workloads = {f"{s} steps": reference_workload(s, args.batch_size, args.cfg) for s in steps}
+        first = next(iter(workloads.values()))
+        return (reference.load_pipeline(), {name: w.call_kwargs for name, w in workloads.items()},
+                {"model": first.details["model"], "batch_size": args.batch_size, "cfg_scale": args.cfg})
+    factory = _load_factory(args.pipeline)
+    made = {f"{s} steps": factory(s) for s in steps}
+    pipe = next(iter(made.values()))[0]
+    return pipe, {name: kwargs for name, (_, kwargs) in made.items()}, {"model": args.pipeline}
+
+
+def _load_factory(spec: str) -> Any:
+    import importlib
+    import importlib.util
+
+    module_name, sep, function = spec.rpartition(":")
+    if not sep or not module_name or not function:
+        raise SystemExit(f"error: --pipeline expects MODULE:FUNCTION (or path/to/file.py:FUNCTION), got {spec!r}")
+    if module_name.endswith(".py"):
+        loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        if loader is None or not Path(module_name).is_file():
+            raise SystemExit(f"error: --pipeline: no such file {module_name!r}")
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    found = getattr(module, function, None)
+    if not callable(found):
+        raise SystemExit(f"error: --pipeline: {module_name} has no function {function!r}")
+    return found
 
 
 def yaml_dump(data: Any) -> str:
@@ -189,6 +231,7 @@ def _add_tune(subparsers: Any) -> None:
     tune.add_argument("--strategy", action="append", metavar="NAMES",
                       help="strategies to search (comma list; default every threshold/interval strategy available)")
     tune.add_argument("--backend", default="auto", help="backend (default auto)")
+    _add_pipeline_option(tune)
     tune.add_argument("--steps", type=int, action="append", metavar="N",
                       help="denoising steps; repeat to require the target at each (default 20)")
     tune.add_argument("--batch-size", type=int, default=10)
@@ -222,28 +265,29 @@ TIER_TRADES = {
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from phyai_cache_lab import reference
     from phyai_cache.tuning import tune_tiers
     from .workload import reference_workload
 
     apply_threads(args)
     steps = args.steps or [20]
-    workloads = {f"{s} steps": reference_workload(s, args.batch_size, args.cfg) for s in steps}
-    first = next(iter(workloads.values()))
+    pipe, cases, model = _pipeline_cases(args, steps)
+    # The reference model's images are in [0, 1] and its digits can be read back; a model of one's own
+    # is compared over the uncached output's range.
+    first = None if args.pipeline else reference_workload(steps[0], args.batch_size, args.cfg)
     targets = _tiers(args.tiers) if args.tiers else {"target": args.target_psnr}
-    print(f"tune: reference digits DiT, steps {steps}, batch {args.batch_size}, targets "
+    print(f"tune: {model['model']}, steps {steps}, targets "
           + ", ".join(f"{name} {db:g} dB" for name, db in targets.items()))
+    measure = ({"extract": first.extract, "data_range": 1.0, "agreement": first.agreement} if first
+               else {"data_range": None})
     results = tune_tiers(
-        reference.load_pipeline(), {name: w.call_kwargs for name, w in workloads.items()}, targets,
-        extract=first.extract, data_range=1.0, agreement=first.agreement,
+        pipe, cases, targets, **measure,
         on_eval=lambda message: print(f"  {message}", file=sys.stderr),
         strategy=_names(args.strategy), backend=args.backend, calibration_seeds=_ints(args.calibration_seeds),
         heldout_seeds=_ints(args.heldout_seeds), iterations=args.iterations, timing_pairs=args.timing_pairs,
         max_threshold=args.max_threshold,
         margin_db=args.margin,
     )
-    details = {"model": first.details["model"], "steps": steps, "batch_size": args.batch_size,
-               "cfg_scale": args.cfg}
+    details = {"model": model["model"], "steps": steps, **model}
     for name, result in results.items():
         print(f"\n{name} (>= {result.target_psnr:g} dB):")
         _print_tune(result)

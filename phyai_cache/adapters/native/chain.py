@@ -46,7 +46,8 @@ from ...runtime import CallInfo, CallSource, RunState, RunStates, TransformerCal
 from ..base import Installation
 from .groups import BlockWork, Forward, Group, NativeRunState
 from .method import StepInputs
-from .run_setup import RunSetup, check_shared_layout, run_setup
+from .history import forecast_position
+from .run_setup import RunSetup, check_shared_layout, run_setup, scheduled_rules
 from .wholecall import run_whole_call, run_whole_call_rows
 
 _MAX_SETUPS = 256  # distinct run configs whose setups are kept
@@ -97,7 +98,7 @@ class ChainInstallation(Installation):
             setup.method.check_run(setup.options, run)
         shared = (SharedDecisions(enabled=not setup.separate_cfg) if self.parallel is None
                   else self.parallel.shared_decisions(enabled=not setup.separate_cfg))
-        self.runs.open(run, NativeRunState(setup, shared))
+        self.runs.open(run, NativeRunState(setup, shared, rules=scheduled_rules(setup, run)))
 
     def end_run(self, run: RunState) -> None:
         self.runs.close(run)
@@ -232,8 +233,28 @@ class ChainInstallation(Installation):
                 groups.append(Group(call, state, None, decision=call.decided, skip=call.decided.cached, ahead=True))
                 continue
             cache = state.branch_cache(call) if state.setup.enabled else None
-            groups.append(Group(call, state, cache))
+            groups.append(Group(call, state, cache, position=self.position(state, call) if cache else None))
         return Forward(groups, per_row=current.per_row, batched=current.batched)
+
+    def position(self, state: NativeRunState, call: CallInfo) -> float:
+        """Where ``call`` lies on its run's forecast axis: its own rows' timestep, or its step index
+        where no time can be read (warned once per run when the run asked for time)."""
+        forecaster = state.setup.forecaster
+        signature = self.lifecycle.target.signature
+        time = signature.timestep_value(call.args, call.kwargs) if forecaster.axis == "time" else None
+        if isinstance(time, torch.Tensor) and time.dim() > 0 and time.shape[0] > 1 and call.rows != slice(None):
+            time = time[call.rows]  # a step-level batch: each row's request is at its own time
+        position, is_time = forecast_position(forecaster, time, call.step)
+        if forecaster.axis == "time" and forecaster.order and not is_time:
+            call.run.warn_once("forecast_time_unread", self._unread_time_message(time))
+        return position
+
+    def _unread_time_message(self, time: Any) -> str:
+        transformer = type(self.lifecycle.target.transformer).__name__
+        found = (f"a {time.dtype} tensor" if isinstance(time, torch.Tensor) else type(time).__name__)
+        return (f"phyai_cache: options.forecast_axis 'time' needs {transformer}'s calls to pass their timestep "
+                f"({self.lifecycle.target.signature.describe_timestep()}) as a number or an integer, float32 or "
+                f"float64 tensor; found {found}, so this run forecasts over the step index")
 
     def _start(self, forward: Forward, hidden: torch.Tensor, encoder: torch.Tensor | None, args: tuple,
                kwargs: dict) -> None:

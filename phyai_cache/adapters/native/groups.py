@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ...blocks import BlockIO
-from ...decision import Decision, SharedDecisions, cache_gap, decide, record, relative_l1
+from ...decision import Decision, SharedDecisions, StepRules, cache_gap, decide, record, relative_l1
 from ...errors import CacheStateError
 from ...runtime import CallInfo
-from .history import BranchCache, ResidualHistory
+from .history import BranchCache
 from .method import StepInputs
 from .run_setup import ChainLayout, RunSetup
 
@@ -32,6 +32,11 @@ class NativeRunState:
     setup: RunSetup
     shared: SharedDecisions
     branches: dict[str, BranchCache] = field(default_factory=dict)
+    rules: StepRules | None = None  # the setup's, or its calibrated schedule for this run's step count
+
+    def __post_init__(self) -> None:
+        if self.rules is None:
+            self.rules = self.setup.rules
 
     def nbytes(self) -> int:
         return sum(cache.nbytes() for cache in list(self.branches.values()))  # list(): one C call, thread-safe
@@ -62,6 +67,7 @@ class Group:
     # the call but its rows are in it anyway, none (its rows pass through; the call's output for them
     # is replaced by the forecast, wholecall.run_whole_call_rows).
     ahead: bool = False
+    position: float | None = None  # where the call lies on the forecaster's axis (its time or step)
 
     @property
     def layout(self) -> ChainLayout:
@@ -102,8 +108,8 @@ class Group:
             self.cache.decision_residual = self.residual
         if not decision.cached and setup.verify is not None and self.residual is not None:
             if self.cache.front is None:
-                self.cache.front = ResidualHistory(setup.forecast_order)
-            self.cache.front.update(call.step, self.residual)
+                self.cache.front = setup.forecaster.history()
+            self.cache.front.update(call.step, self.residual, self.position)
         if self.cache.method is not None and self.inputs is not None:
             self.cache.method.committed(self.inputs, decision)
 
@@ -118,7 +124,7 @@ class Group:
         history = self.cache.front
         if history is None or not history.factors or history.factors[0].shape != self.residual.shape:
             return "no_forecast"
-        error = relative_l1(history.predict(self.call.step), self.residual)
+        error = relative_l1(history.predict(self.call.step, self.position), self.residual)
         self.call.measures["forecast_error"] = error
         return None if error < tolerance else "forecast_error"
 
@@ -130,9 +136,9 @@ class Group:
         segment = self.layout.segment_start.get(position)
         if segment is not None and not self.ahead:  # a whole-call skip passes through: its output is forecast
             hidden_history, encoder_history = self.cache.segments[segment]
-            hidden = hidden + hidden_history.predict(self.call.step)
+            hidden = hidden + hidden_history.predict(self.call.step, self.position)
             if encoder_history is not None and encoder is not None:
-                encoder = encoder + encoder_history.predict(self.call.step)
+                encoder = encoder + encoder_history.predict(self.call.step, self.position)
         return hidden, encoder
 
     def store_residual(self, segment: int, io: BlockIO, output: Any) -> None:
@@ -145,15 +151,15 @@ class Group:
                 f"blocks up to {self.layout.names[_segment_end_position(self.layout, segment)]} change the "
                 "hidden-state shape inside one block list; such a list cannot be skipped as a whole"
             )
-        order = self.state.setup.forecast_order
+        forecaster = self.state.setup.forecaster
         has_encoder = encoder_out is not None and encoder_in is not None
         histories = self.cache.segments.get(segment)
         if histories is None:
-            histories = (ResidualHistory(order), ResidualHistory(order) if has_encoder else None)
+            histories = (forecaster.history(), forecaster.history() if has_encoder else None)
             self.cache.segments[segment] = histories
-        histories[0].update(self.call.step, hidden_out - hidden_in)
+        histories[0].update(self.call.step, hidden_out - hidden_in, self.position)
         if has_encoder and histories[1] is not None:
-            histories[1].update(self.call.step, encoder_out - encoder_in)
+            histories[1].update(self.call.step, encoder_out - encoder_in, self.position)
         self.call.run.note_cache_bytes(self.state.nbytes())
 
 
@@ -197,7 +203,7 @@ class Forward:
         if gap is None and cache.method is not None:
             gap = cache.method.gap(group.inputs)
         verify = None if setup.verify is None else functools.partial(group.verify, setup.verify)
-        decision = decide(call.step, call.branch, setup.rules, cache, group.state.shared, group.key, gap=gap,
+        decision = decide(call.step, call.branch, group.state.rules, cache, group.state.shared, group.key, gap=gap,
                           measure=measure, commit=False, verify=verify)
         if self.per_row:
             group.commit(decision)

@@ -32,40 +32,93 @@ from ...decision import BranchCounters
 from ...stats import tensor_bytes
 
 
-class ResidualHistory:
-    """A cached residual over computed steps; ``predict(step)`` gives the value to reuse.
+# The axis a run forecasts along when its options do not say (see Forecaster; chosen by measurement,
+# docs/benchmarks.md "Forecasts in the sampler's time").
+DEFAULT_FORECAST_AXIS = "step"
 
-    ``order=None`` (or 0) reuses the last value. ``order=k`` keeps the value and its first k
-    divided differences over computed steps (TaylorSeer) and extrapolates
-    ``sum_i f_i * (step - last)^i / i!``. Half-precision factors are kept in float32: finite
-    differences of nearly equal bf16 tensors would lose every significant bit.
+
+@dataclass(frozen=True)
+class Forecaster:
+    """How a run's histories forecast: the order (``taylorseer_order``), the form and the axis.
+
+    axis (``options.forecast_axis``): "time" is the sampler's own time, the call's timestep (or
+    sigma) argument, where the call has one (integer, float32 or wider); else, and with "step", the step
+    index. Flow-matching schedules space their timesteps unevenly, and what is forecast (a residual,
+    a velocity) is smooth in that time, not in the step count.
+    form (``options.forecast``): "taylor" is TaylorSeer's expansion (each difference divided by the
+    last gap, ``sum f_i g^i / i!``); "newton" is the polynomial through the last k+1 computed points
+    (exact for a polynomial of degree k on any spacing). The two are equal at order 1.
     """
 
-    def __init__(self, order: int | None) -> None:
+    order: int = 0
+    form: str = "taylor"
+    axis: str = "step"
+
+    def history(self) -> ResidualHistory:
+        return ResidualHistory(self.order, self.form)
+
+
+def forecast_position(forecaster: Forecaster, time: Any, step: int) -> tuple[float, bool]:
+    """Where a call lies on the forecaster's axis, and whether that is its time (else its step).
+
+    ``time`` is the call's timestep argument for its own rows (a number or a tensor; integer
+    timesteps, as UniPC gives Wan, are fine); a float tensor in half precision is not used: bf16
+    keeps 8 bits, so the gap between two of 50 steps would be off by up to a fifth."""
+    if forecaster.axis != "time" or forecaster.order == 0:
+        return float(step), False
+    if isinstance(time, torch.Tensor):
+        if time.numel() == 0 or time.dtype == torch.bool or time.is_floating_point() and time.element_size() < 4:
+            return float(step), False
+        time = time.reshape(-1)[0].item()  # one host sync per call; measured strategies sync anyway
+    if isinstance(time, (int, float)) and not isinstance(time, bool) and math.isfinite(time):
+        return float(time), True
+    return float(step), False
+
+
+class ResidualHistory:
+    """A cached residual over computed steps; ``predict(step, position)`` gives the value to reuse.
+
+    ``order=None`` (or 0) reuses the last value. ``order=k`` keeps the value and its first k
+    divided differences over the last computed points and extrapolates them (:data:`FORECASTS`).
+    A point's *position* is its sampler time or its step index (:func:`forecast_position`); without
+    one the step index is used. Half-precision factors are kept in float32: finite differences of
+    nearly equal bf16 tensors would lose every significant bit.
+    """
+
+    def __init__(self, order: int | None, form: str = "taylor") -> None:
         self.order = order or 0
+        self.form = form
         self.factors: list[torch.Tensor] = []
+        self.points: list[float] = []  # the positions of the last computed values, newest first
         self.last_step: int | None = None
         self.output_dtype: torch.dtype | None = None
 
-    def update(self, step: int, value: torch.Tensor) -> None:
+    def update(self, step: int, value: torch.Tensor, position: float | None = None) -> None:
+        position = float(step) if position is None else position
         if self.order == 0:
-            self.factors, self.last_step = [value], step
+            self.factors, self.last_step, self.points = [value], step, [position]
             return
         self.output_dtype = value.dtype
         value = value.float() if value.element_size() < 4 else value
         new = [value]
         if self.factors and self.last_step is not None and step > self.last_step:
-            gap = step - self.last_step
-            for previous in self.factors[: self.order]:
-                new.append((new[-1] - previous) / gap)
+            for i, previous in enumerate(self.factors[: self.order]):
+                span = position - self.points[0 if self.form == "taylor" else i]
+                if span == 0:  # two computed steps at one time: no slope to take from them
+                    break
+                new.append((new[-1] - previous) / span)
         self.factors, self.last_step = new, step
+        self.points = [position, *self.points][: self.order + 1]
 
-    def predict(self, step: int) -> torch.Tensor:
-        value = self.factors[0]
-        if len(self.factors) > 1:
-            gap = step - self.last_step
-            for i, factor in enumerate(self.factors[1:], start=1):
-                value = value + factor * (gap**i / math.factorial(i))
+    def predict(self, step: int, position: float | None = None) -> torch.Tensor:
+        x = float(step) if position is None else position
+        value, weight = self.factors[0], 1.0
+        for i, factor in enumerate(self.factors[1:], start=1):
+            if self.form == "taylor":
+                weight = (x - self.points[0]) ** i / math.factorial(i)
+            else:  # newton: prod_{j<i} (x - x_j) over the newest computed points
+                weight *= x - self.points[i - 1]
+            value = value + factor * weight
         if self.output_dtype is not None and value.dtype != self.output_dtype:
             value = value.to(self.output_dtype)
         return value
@@ -110,3 +163,4 @@ class BranchCache(BranchCounters):
             self.segments.clear()
             self.front = self.output = None
         super().record(cached, key)
+

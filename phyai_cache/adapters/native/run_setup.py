@@ -22,8 +22,10 @@ from ...config import DiTCacheConfig
 from ...decision import StepRules
 from ...errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError
 from ...known_blocks import known_model
+from ...runtime import RunState
 from ...strategies import get_strategy
 from ...strategies._options import validate as validate_options
+from .history import DEFAULT_FORECAST_AXIS, Forecaster
 from .method import Method
 
 
@@ -79,7 +81,7 @@ class RunSetup:
     layout: ChainLayout
     rules: StepRules | None = None
     measured: bool = True
-    forecast_order: int | None = None
+    forecaster: Forecaster = Forecaster()  # taylorseer_order and options.forecast / forecast_axis
     separate_cfg: bool = True
     method: type[Method] | None = None  # the strategy's own statistic (NativeMethod.method)
     options: Mapping[str, Any] = field(default_factory=dict)  # checked against NativeMethod.options
@@ -125,9 +127,32 @@ def run_setup(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.Mo
     check_block_counts(front, back, total)
     rules = _Calibrating(config) if options.get("calibrate") else StepRules(config)
     return RunSetup(config, enabled=True, layout=ChainLayout(lists, front, back), rules=rules,
-                    measured=spec.native.measured, forecast_order=config.taylorseer_order,
+                    measured=spec.native.measured, forecaster=_forecaster(config, options),
                     separate_cfg=config.separate_cfg is not False,  # "auto" -> separate: always correct
                     method=method, options=options, verify=verify, skip_call=skip_call, streams=streams)
+
+
+def _forecaster(config: DiTCacheConfig, options: Mapping[str, Any]) -> Forecaster:
+    return Forecaster(config.taylorseer_order or 0, options.get("forecast", "taylor"),
+                      options.get("forecast_axis", DEFAULT_FORECAST_AXIS))
+
+
+def scheduled_rules(setup: RunSetup, run: RunState) -> StepRules | None:
+    """options.schedule: the run's steps to compute, calibrated for its step count (``phyai-cache tune``
+    searches them), as a compute mask; None (the setup's own rules) when the run's step count has no
+    schedule, which is warned once per run: the interval then decides."""
+    schedules = setup.options.get("schedule") if setup.enabled else None
+    if not schedules:
+        return None
+    steps = run.stats.num_inference_steps
+    computed = schedules.get(steps)
+    if computed is None:
+        run.warn_once("schedule_missing", f"phyai_cache: options.schedule has schedules for {sorted(schedules)} steps, "
+                                          f"not for this run's {steps}; cache_interval="
+                                          f"{setup.config.cache_interval} decides instead")
+        return None
+    mask = [1 if step in computed else 0 for step in range(steps)]
+    return StepRules(setup.config.replace(compute_mask=mask, cache_interval=None, warmup_steps=0))
 
 
 class _Calibrating(StepRules):

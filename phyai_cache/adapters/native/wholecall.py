@@ -114,7 +114,7 @@ def decide_ahead(engine: ChainInstallation, call: CallInfo, args: tuple, kwargs:
         raise CacheStateError(f"options.skip_call needs the transformer call's latents as one tensor (its "
                               f"{signature.latent} argument); got {type(hidden).__name__}")
     encoder = signature.encoder_hidden_states(args, kwargs)
-    group = Group(call, state, state.branch_cache(call), ahead=True)
+    group = Group(call, state, state.branch_cache(call), ahead=True, position=engine.position(state, call))
     group.chain_input, encoder = group.rows(hidden), group.rows(encoder) if isinstance(encoder, torch.Tensor) else None
     group.key = cache_key(group.chain_input, encoder, call_modes(args, kwargs))
     cache, method = group.cache, group.cache.method
@@ -124,7 +124,7 @@ def decide_ahead(engine: ChainInstallation, call: CallInfo, args: tuple, kwargs:
     if gap is None and method is not None:
         gap = method.gap(group.inputs)
     measure = None if method is None else functools.partial(method.measure, group.inputs)
-    group.decision = decide(call.step, call.branch, state.setup.rules, cache, state.shared, group.key, gap=gap,
+    group.decision = decide(call.step, call.branch, state.rules, cache, state.shared, group.key, gap=gap,
                             measure=measure, commit=False)
     return group
 
@@ -133,7 +133,7 @@ def forecast(group: Group) -> torch.Tensor:
     """A cached step's output rows: the forecast over the branch's computed calls."""
     group.call.skipped_call = True
     history = group.cache.output.history
-    value = history.predict(group.call.step)
+    value = history.predict(group.call.step, group.position)
     if any(value is factor for factor in history.factors):
         value = value.clone()  # plain reuse: the caller must not get (and mutate) our copy
     return value
@@ -145,10 +145,10 @@ def keep_output(engine: ChainInstallation, group: Group, tensor: torch.Tensor, r
     history = cache.output.history if cache.output is not None else None
     if history is None or (history.factors and history.factors[0].shape != tensor.shape):
         # A new output shape the key did not foresee: what was kept is for another shape.
-        cache.output = CallOutput(ResidualHistory(setup.forecast_order), rebuild)
+        cache.output = CallOutput(setup.forecaster.history(), rebuild)
     # A copy: the pipeline owns the output and may change it in place (a cached tensor changed
     # behind the cache's back is how SGLang #33827 corrupted images).
-    cache.output.history.update(group.call.step, tensor.detach().clone())
+    cache.output.history.update(group.call.step, tensor.detach().clone(), group.position)
     cache.output.rebuild = rebuild
     if cache.method is not None:
         cache.method.computed(group.inputs, tensor)
