@@ -3,7 +3,7 @@
 Each module in this package declares one :class:`StrategySpec` as ``SPEC`` (peft's ``tuners/<method>``
 is the model): the unified config fields the strategy uses and their defaults, the values that define
 it, which backends serve it (best first: ``backend="auto"`` tries them in this order) and why the
-others do not, and, when the native engine serves it, how (:class:`NativeMethod`). The config
+others do not, and, when the native engine serves it, how (:class:`NativeSpec`). The config
 schema, the registry, ``list_backends()``, the CLI, the bench sweep and the reliability matrix all
 read these declarations; nothing else lists strategy names.
 
@@ -33,15 +33,15 @@ STRATEGY_SPECIFIC_FIELDS = (
 
 
 @dataclass(frozen=True)
-class NativeMethod:
+class NativeSpec:
     """How the native engine runs a strategy.
 
     measured:
         ``True``: the step is decided after the ``front_blocks`` on the relative L1 change of their
         residual (fbcache/dbcache). ``False``: decided when the block chain starts (no front block),
         and the whole chain is approximated on cached steps: from the step rules alone (taylorseer),
-        or from the strategy's own statistic (``method``: magcache, easycache, teacache).
-    method:
+        or from the strategy's own statistic (``statistic``: magcache, easycache, teacache).
+    statistic:
         ``"module:Class"`` of a :class:`phyai_cache.adapters.native.method.Method` in
         ``phyai_cache.adapters.native``: the strategy's own statistic and per-branch state. Its
         ``measure`` is what the one decision sequence (:func:`phyai_cache.decision.decide`) compares
@@ -53,7 +53,7 @@ class NativeMethod:
     """
 
     measured: bool
-    method: str | None = None
+    statistic: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -112,7 +112,7 @@ class StrategySpec:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     fixed_hint: str = ""
     not_served: Mapping[str, str] = field(default_factory=dict)
-    native: NativeMethod | None = None
+    native: NativeSpec | None = None
     hit_settings: Mapping[str, Any] = field(default_factory=dict)
     sweep: str | None = None
     calibration: Calibration | None = None
@@ -129,7 +129,7 @@ class StrategySpec:
         if bad or not self.backends:
             raise ValueError(f"strategy {self.name!r}: backends must be a non-empty subset of {BACKENDS[1:]}")
         if ("native" in self.backends) != (self.native is not None):
-            raise ValueError(f"strategy {self.name!r}: a NativeMethod is given exactly when 'native' serves it")
+            raise ValueError(f"strategy {self.name!r}: a NativeSpec is given exactly when 'native' serves it")
         if self.sweep not in (None, "threshold", "interval"):
             raise ValueError(f"strategy {self.name!r}: sweep must be 'threshold', 'interval' or None")
 
@@ -183,5 +183,5 @@ def _load_builtin() -> tuple[str, ...]:
 
 _BUILTIN = _load_builtin()
 
-__all__ = ["BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "all_strategies", "get_strategy", "register_strategy",
+__all__ = ["BACKENDS", "Calibration", "NativeSpec", "StrategySpec", "all_strategies", "get_strategy", "register_strategy",
            "strategy_names", "unregister_strategy"]

@@ -1,4 +1,4 @@
-"""Checks for the ``options`` a strategy declares for the native engine (``NativeMethod.options``).
+"""Checks for the ``options`` a strategy declares for the native engine (``NativeSpec.options``).
 
 Each check takes the option's label (``"options.mag_ratios"``) and the value, and returns the value
 to use or raises :class:`~phyai_cache.errors.DiTCacheConfigError` naming the option, the bad value and

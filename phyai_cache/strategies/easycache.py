@@ -17,7 +17,7 @@ conditional branch decide for both; ``separate_cfg: false`` does that here).
 
 from __future__ import annotations
 
-from . import STEP_SCHEDULE, NativeMethod, StrategySpec
+from . import STEP_SCHEDULE, NativeSpec, StrategySpec
 from ._options import boolean
 
 SPEC = StrategySpec(
@@ -28,7 +28,7 @@ SPEC = StrategySpec(
     backends=("native",),
     not_served={"diffusers": "diffusers has no EasyCache hook (easycache: backend native)",
                 "cache_dit": "cache-dit does not implement EasyCache"},
-    native=NativeMethod(measured=False, method="easycache:EasyCacheMethod", options={"skip_call": boolean}),
+    native=NativeSpec(measured=False, statistic="easycache:EasyCacheMethod", options={"skip_call": boolean}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     sweep="threshold",
 )

@@ -5,7 +5,7 @@ step is below ``threshold``, the remaining blocks reuse their cached residual. P
 "First Block Cache" (ParaAttention) and the basis of diffusers' FirstBlockCache and Cache-DiT's F1B0.
 """
 
-from . import STEP_SCHEDULE, NativeMethod, StrategySpec
+from . import STEP_SCHEDULE, NativeSpec, StrategySpec
 from ._options import STREAMS, positive_number
 
 SPEC = StrategySpec(
@@ -17,7 +17,7 @@ SPEC = StrategySpec(
     fixed_hint="fbcache always computes exactly the first block; use strategy 'dbcache' for other "
                "front/back block counts",
     backends=("native", "cache_dit", "diffusers"),
-    native=NativeMethod(measured=True, options={"verify": positive_number, "streams": STREAMS}),
+    native=NativeSpec(measured=True, options={"verify": positive_number, "streams": STREAMS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     sweep="threshold",
 )

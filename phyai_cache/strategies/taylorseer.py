@@ -5,7 +5,7 @@ which) and the steps between forecast the blocks' output with a Taylor expansion
 ``taylorseer_order`` over the computed steps.
 """
 
-from . import NativeMethod, StrategySpec
+from . import NativeSpec, StrategySpec
 from ._options import boolean, positive_number
 
 SPEC = StrategySpec(
@@ -16,7 +16,7 @@ SPEC = StrategySpec(
     backends=("native", "diffusers"),
     not_served={"cache_dit": "cache-dit has no standalone TaylorSeer: its TaylorSeer is a calibrator on top of "
                              "DBCache (strategy 'dbcache' or 'fbcache' with taylorseer_order=k here)"},
-    native=NativeMethod(measured=False, options={"verify": positive_number, "skip_call": boolean}),
+    native=NativeSpec(measured=False, options={"verify": positive_number, "skip_call": boolean}),
     hit_settings={"warmup_steps": 1, "taylorseer_order": 1},
     sweep="interval",
 )
