@@ -19,7 +19,7 @@ from phyai_cache.cli import main
 from phyai_cache.registry import resolve_backend
 from phyai_cache.strategies import (
     STEP_SCHEDULE,
-    NativeMethod,
+    NativeSpec,
     StrategySpec,
     all_strategies,
     register_strategy,
@@ -34,7 +34,7 @@ THROWAWAY = StrategySpec(
     defaults={"threshold": 0.2, "front_blocks": 1, "back_blocks": 0, "warmup_steps": 1},
     backends=("native",),
     not_served={"cache_dit": "declared by a test for the native engine only"},
-    native=NativeMethod(measured=True),
+    native=NativeSpec(measured=True),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     sweep="threshold",
 )
@@ -83,7 +83,7 @@ def test_the_native_engine_runs_it_like_the_fbcache_it_copies(throwaway, flux):
 
 
 def test_a_declaration_must_be_consistent():
-    with pytest.raises(ValueError, match="NativeMethod"):
+    with pytest.raises(ValueError, match="NativeSpec"):
         StrategySpec(name="x", summary="", fields=("threshold",), backends=("native",))
     with pytest.raises(ValueError, match="does not use"):
         StrategySpec(name="x", summary="", fields=("threshold",), backends=("diffusers",),

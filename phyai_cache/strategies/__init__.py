@@ -3,7 +3,7 @@
 Each module in this package declares one :class:`StrategySpec` as ``SPEC`` (peft's ``tuners/<method>``
 is the model): the unified config fields the strategy uses and their defaults, the values that define
 it, which backends serve it (best first: ``backend="auto"`` tries them in this order) and why the
-others do not, and, when the native engine serves it, how (:class:`NativeMethod`). The config
+others do not, and, when the native engine serves it, how (:class:`NativeSpec`). The config
 schema, the registry, ``list_backends()``, the CLI, the bench sweep (a strategy's grid is its
 :class:`Sweep`), ``tune`` and the reliability matrix all read these declarations; nothing else
 lists strategy names. The backend names a declaration may list are the built-in ones
@@ -64,15 +64,15 @@ STRATEGY_SPECIFIC_FIELDS = (
 
 
 @dataclass(frozen=True)
-class NativeMethod:
+class NativeSpec:
     """How the native engine runs a strategy.
 
     measured:
         ``True``: the step is decided after the ``front_blocks`` on the relative L1 change of their
         residual (fbcache/dbcache). ``False``: decided when the block chain starts (no front block),
         and the whole chain is approximated on cached steps: from the step rules alone (taylorseer),
-        or from the strategy's own statistic (``method``: magcache, easycache, teacache).
-    method:
+        or from the strategy's own statistic (``statistic``: magcache, easycache, teacache).
+    statistic:
         ``"module:Class"`` of a :class:`phyai_cache.adapters.native.method.Method` in
         ``phyai_cache.adapters.native``: the strategy's own statistic and per-branch state. Its
         ``measure`` is what the one decision sequence (:func:`phyai_cache.decision.decide`) compares
@@ -84,7 +84,7 @@ class NativeMethod:
     """
 
     measured: bool
-    method: str | None = None
+    statistic: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -184,7 +184,7 @@ class StrategySpec:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     fixed_hint: str = ""
     not_served: Mapping[str, str] = field(default_factory=dict)
-    native: NativeMethod | None = None
+    native: NativeSpec | None = None
     hit_settings: Mapping[str, Any] = field(default_factory=dict)
     sweep: Sweep | None = None
     calibration: Calibration | None = None
@@ -203,7 +203,7 @@ class StrategySpec:
             raise ValueError(f"strategy {self.name!r}: backends must be a non-empty subset of {known} "
                              "(registry.register_backend adds one)")
         if ("native" in self.backends) != (self.native is not None):
-            raise ValueError(f"strategy {self.name!r}: a NativeMethod is given exactly when 'native' serves it")
+            raise ValueError(f"strategy {self.name!r}: a NativeSpec is given exactly when 'native' serves it")
         if isinstance(self.sweep, str):
             object.__setattr__(self, "sweep", Sweep(self.sweep))
         sweep = self.sweep
@@ -262,6 +262,6 @@ def _load_builtin() -> tuple[str, ...]:
 
 _BUILTIN = _load_builtin()
 
-__all__ = ["BACKENDS", "BUILTIN_BACKENDS", "Calibration", "NativeMethod", "StrategySpec", "Sweep", "add_backend_name",
+__all__ = ["BACKENDS", "BUILTIN_BACKENDS", "Calibration", "NativeSpec", "StrategySpec", "Sweep", "add_backend_name",
            "all_strategies", "backend_names", "get_strategy", "register_strategy", "remove_backend_name",
            "strategy_names", "unregister_strategy"]

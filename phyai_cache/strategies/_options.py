@@ -1,7 +1,7 @@
 """``options``: the one rules type and validator for every backend, and the value checks they use.
 
 A strategy's ``options`` are backend-specific. Each backend states what it accepts as
-:class:`OptionRules` — the native engine per strategy (``NativeMethod.options``), each diffusers
+:class:`OptionRules` — the native engine per strategy (``NativeSpec.options``), each diffusers
 driver for its diffusers config, the Cache-DiT adapter for ``DBCacheConfig`` — and
 :meth:`OptionRules.validate` checks a config's options against them, so every backend refuses a bad
 option the same way: naming the option, the bad value and what is allowed, at enable time.
@@ -81,7 +81,7 @@ class OptionRules:
 
 def validate(strategy: str, backend: str, checks: Mapping[str, Check], options: Mapping[str, Any],
              hint: str = "") -> dict[str, Any]:
-    """``options`` checked against ``checks`` (a name -> check mapping such as ``NativeMethod.options``)."""
+    """``options`` checked against ``checks`` (a name -> check mapping such as ``NativeSpec.options``)."""
     return OptionRules(checks).validate(strategy, backend, options, hint)
 
 

@@ -5,7 +5,7 @@ The first ``front_blocks`` always run and their residual decides, like fbcache; 
 reuse error. fbcache is its Fn=1, Bn=0 case.
 """
 
-from . import STEP_SCHEDULE, NativeMethod, StrategySpec, Sweep
+from . import STEP_SCHEDULE, NativeSpec, StrategySpec, Sweep
 from ._options import FORECAST_OPTIONS, STREAMS, positive_number
 
 SPEC = StrategySpec(
@@ -15,7 +15,7 @@ SPEC = StrategySpec(
     defaults={"threshold": 0.12, "front_blocks": 1, "back_blocks": 1, "warmup_steps": 2},
     backends=("native", "cache_dit"),
     not_served={"diffusers": "diffusers has no dual-block cache (dbcache: backends native, cache_dit)"},
-    native=NativeMethod(measured=True, options={"verify": positive_number, "streams": STREAMS, **FORECAST_OPTIONS}),
+    native=NativeSpec(measured=True, options={"verify": positive_number, "streams": STREAMS, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1, "front_blocks": 1, "back_blocks": 1},
     sweep=Sweep("threshold", grid=(0.2, 0.4), quick=(), forecast=(0.4, 0.5), quick_forecast=(0.4,),
                 search=({"front_blocks": 1, "back_blocks": 1},

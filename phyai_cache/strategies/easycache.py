@@ -17,7 +17,7 @@ conditional branch decide for both; ``separate_cfg: false`` does that here).
 
 from __future__ import annotations
 
-from . import STEP_SCHEDULE, NativeMethod, StrategySpec, Sweep
+from . import STEP_SCHEDULE, NativeSpec, StrategySpec, Sweep
 from ._options import FORECAST_OPTIONS, boolean
 
 SPEC = StrategySpec(
@@ -28,8 +28,8 @@ SPEC = StrategySpec(
     backends=("native",),
     not_served={"diffusers": "diffusers has no EasyCache hook (easycache: backend native)",
                 "cache_dit": "cache-dit does not implement EasyCache"},
-    native=NativeMethod(measured=False, method="easycache:EasyCacheMethod",
-                        options={"skip_call": boolean, **FORECAST_OPTIONS}),
+    native=NativeSpec(measured=False, statistic="easycache:EasyCacheMethod",
+                      options={"skip_call": boolean, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     # An accumulated estimate of the output change (relative L1) over a streak.
     sweep=Sweep("threshold", grid=(0.1, 0.2, 0.3), quick=(0.2,), forecast=(0.2, 0.4),

@@ -5,7 +5,7 @@ step is below ``threshold``, the remaining blocks reuse their cached residual. P
 "First Block Cache" (ParaAttention) and the basis of diffusers' FirstBlockCache and Cache-DiT's F1B0.
 """
 
-from . import STEP_SCHEDULE, NativeMethod, StrategySpec, Sweep
+from . import STEP_SCHEDULE, NativeSpec, StrategySpec, Sweep
 from ._options import FORECAST_OPTIONS, STREAMS, positive_number
 
 SPEC = StrategySpec(
@@ -17,7 +17,7 @@ SPEC = StrategySpec(
     fixed_hint="fbcache always computes exactly the first block; use strategy 'dbcache' for other "
                "front/back block counts",
     backends=("native", "cache_dit", "diffusers"),
-    native=NativeMethod(measured=True, options={"verify": positive_number, "streams": STREAMS, **FORECAST_OPTIONS}),
+    native=NativeSpec(measured=True, options={"verify": positive_number, "streams": STREAMS, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     # Relative L1 of the first block's residual: ~0.1 early, ~0.3 late on the reference model.
     sweep=Sweep("threshold", grid=(0.1, 0.2, 0.3), quick=(0.2,), forecast=(0.3, 0.4, 0.5), quick_forecast=(0.3,),

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import Calibration, NativeMethod, StrategySpec, Sweep
+from . import Calibration, NativeSpec, StrategySpec, Sweep
 from ._options import FORECAST_OPTIONS, boolean, ratios
 
 
@@ -75,8 +75,8 @@ SPEC = StrategySpec(
     defaults={"threshold": 0.06, "warmup_steps": 2, "max_consecutive_cached": 3},
     backends=("native", "diffusers"),
     not_served={"cache_dit": "cache-dit does not implement MagCache"},
-    native=NativeMethod(measured=False, method="magcache:MagCacheMethod",
-                        options={"mag_ratios": ratios, "calibrate": boolean, "skip_call": boolean, **FORECAST_OPTIONS}),
+    native=NativeSpec(measured=False, statistic="magcache:MagCacheMethod",
+                      options={"mag_ratios": ratios, "calibrate": boolean, "skip_call": boolean, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1, "options": {"mag_ratios": [1.0, 1.0]}},
     # Accumulated |1 - prod gamma| with the ratios calibrated on the workload, under the default streak
     # cap 3; the native engine also skips whole calls, where the forecaster carries longer streaks.

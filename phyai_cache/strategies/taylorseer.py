@@ -7,7 +7,7 @@ count, calibrated on a model (``phyai-cache tune`` searches them): the budget go
 would miss most, which on the reference model is worth 2-3 dB at the same number of computed steps.
 """
 
-from . import SEARCH_SCHEDULE, NativeMethod, StrategySpec, Sweep
+from . import SEARCH_SCHEDULE, NativeSpec, StrategySpec, Sweep
 from ._options import FORECAST_OPTIONS, boolean, positive_number, schedules
 
 SPEC = StrategySpec(
@@ -18,8 +18,8 @@ SPEC = StrategySpec(
     backends=("native", "diffusers"),
     not_served={"cache_dit": "cache-dit has no standalone TaylorSeer: its TaylorSeer is a calibrator on top of "
                              "DBCache (strategy 'dbcache' or 'fbcache' with taylorseer_order=k here)"},
-    native=NativeMethod(measured=False, options={"verify": positive_number, "skip_call": boolean,
-                                                 "schedule": schedules, **FORECAST_OPTIONS}),
+    native=NativeSpec(measured=False, options={"verify": positive_number, "skip_call": boolean,
+                                               "schedule": schedules, **FORECAST_OPTIONS}),
     hit_settings={"warmup_steps": 1, "taylorseer_order": 1},
     # The default intervals; order 2 again at a longer interval, where a higher order helps; the native
     # engine also skips whole calls, and forecasts over the sampler's time beside the step index's.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import STEP_SCHEDULE, Calibration, NativeMethod, StrategySpec, Sweep
+from . import STEP_SCHEDULE, Calibration, NativeSpec, StrategySpec, Sweep
 from ._options import FORECAST_OPTIONS, boolean, choice, coefficients
 
 DEGREE = 4  # TeaCache's polynomial degree
@@ -57,9 +57,9 @@ SPEC = StrategySpec(
     not_served={"diffusers": "diffusers has no TeaCache hook (its pull request #12652 is not merged; "
                              "teacache: backend native)",
                 "cache_dit": "cache-dit does not implement TeaCache"},
-    native=NativeMethod(measured=False, method="teacache:TeaCacheMethod",
-                        options={"coefficients": coefficients, "probe": choice("auto", "modulated", "input"),
-                                 "calibrate": boolean, **FORECAST_OPTIONS}),
+    native=NativeSpec(measured=False, statistic="teacache:TeaCacheMethod",
+                      options={"coefficients": coefficients, "probe": choice("auto", "modulated", "input"),
+                               "calibrate": boolean, **FORECAST_OPTIONS}),
     hit_settings={"threshold": 10.0, "warmup_steps": 1},
     # An accumulated estimate of the output change (relative L1) over a streak.
     sweep=Sweep("threshold", grid=(0.1, 0.2, 0.4), quick=(0.2,), forecast=(0.4,),

@@ -1,6 +1,6 @@
 """The native backend: phyai_cache's own engine, for any transformer, with no extra dependency.
 
-It serves every strategy whose declaration (phyai_cache/strategies/) carries a ``NativeMethod``:
+It serves every strategy whose declaration (phyai_cache/strategies/) carries a ``NativeSpec``:
 ``fbcache`` (first-block cache, Fn=1 Bn=0) and ``dbcache`` (Fn front blocks decide, Bn back blocks
 always run), both optionally with a TaylorSeer forecaster (``taylorseer_order``); ``taylorseer``
 (scheduled: compute every ``cache_interval``-th step or per ``compute_mask``, forecast between); and

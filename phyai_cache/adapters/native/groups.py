@@ -61,7 +61,7 @@ class Group:
     chain_input: torch.Tensor | None = None
     key: tuple | None = None
     residual: torch.Tensor | None = None  # the front residual, kept as reference if computed
-    inputs: StepInputs | None = None  # what the strategy's own statistic looks at (NativeMethod.method)
+    inputs: StepInputs | None = None  # what the strategy's own statistic looks at (NativeSpec.statistic)
     segment_inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     # Decided before the transformer call (options.skip_call): it runs every block, or, when it skips
     # the call but its rows are in it anyway, none (its rows pass through; the call's output for them

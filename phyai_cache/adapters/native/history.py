@@ -1,7 +1,7 @@
 """What a cached step of the native engine reuses, and the per-branch state it is kept in.
 
 The decision itself (phyai_cache/decision.py) is the same for every engine. The native engine has
-two kinds of strategies (``NativeMethod.measured``):
+two kinds of strategies (``NativeSpec.measured``):
 
 * measured (fbcache, dbcache): the relative L1 change of the front blocks' residual (output minus
   input of the first ``front_blocks`` blocks, hidden states only) against the same residual at the

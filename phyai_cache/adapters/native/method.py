@@ -3,7 +3,7 @@
 fbcache and dbcache decide on the front blocks' residual, taylorseer on the step schedule alone; both
 need nothing here. A strategy with a statistic of its own (MagCache's magnitude ratios, EasyCache's
 transformation rate, TeaCache's modulated-input change) declares a :class:`Method` subclass in its
-``NativeMethod(method="module:Class")``. The engine keeps one instance per run and CFG branch and:
+``NativeSpec(statistic="module:Class")``. The engine keeps one instance per run and CFG branch and:
 
 1. asks :meth:`Method.gap` whether the method can judge this step at all (e.g. EasyCache before it
    has seen two computed steps): a reason there makes the step compute, like ``no_cache``;

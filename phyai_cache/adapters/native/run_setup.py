@@ -83,8 +83,8 @@ class RunSetup:
     measured: bool = True
     forecaster: Forecaster = Forecaster()  # taylorseer_order and options.forecast / forecast_axis
     separate_cfg: bool = True
-    method: type[Method] | None = None  # the strategy's own statistic (NativeMethod.method)
-    options: Mapping[str, Any] = field(default_factory=dict)  # checked against NativeMethod.options
+    method: type[Method] | None = None  # the strategy's own statistic (NativeSpec.statistic)
+    options: Mapping[str, Any] = field(default_factory=dict)  # checked against NativeSpec.options
     verify: float | None = None  # options.verify: the verified forecaster's tolerance
     skip_call: bool = False  # options.skip_call: cached steps skip the whole transformer call
     # options.streams == "worst" on a model with token streams (known_blocks.KnownModel.tail_streams):
@@ -107,7 +107,7 @@ def run_setup(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.Mo
         raise BackendUnavailableError(f"strategy {spec.name!r} is not available on backend 'native': "
                                       f"{spec.why_not('native')}")
     options = validate_options(spec.name, "native", spec.native.options, config.options)
-    method = _method_class(spec.native.method) if spec.native.method else None
+    method = _method_class(spec.native.statistic) if spec.native.statistic else None
     if method is not None:
         options = method.prepare_options(options, type(model).__name__ if model is not None else None)
         method.check_blocks(options, lists[0].blocks[0] if lists and lists[0].blocks else None)
