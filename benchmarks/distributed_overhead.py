@@ -131,7 +131,7 @@ def worker(rank, world_size, steps, rounds, resolution):
         "ratio_reduced_over_uncached_quartiles": statistics.quantiles(ratios["reduced"], n=4),
         "ratio_local_over_uncached": statistics.median(ratios["local"]),
         "ratio_reduced_over_local": statistics.median(
-            [r / l for r, l in zip(times["reduced"], times["local"])]),
+            [reduced / local for reduced, local in zip(times["reduced"], times["local"])]),
     }
 
 

@@ -61,9 +61,9 @@ sys.path.insert(0, str(REPO))  # validate this checkout's phyai_cache, not which
 
 import phyai_cache  # noqa: E402
 from phyai_cache import GraphCaptureError, enable_dit_cache, list_presets  # noqa: E402
-from phyai_cache.tuning.measure import interleaved_pairs  # noqa: E402
 from phyai_cache.config import preset_path  # noqa: E402
 from phyai_cache.tuning import psnr  # noqa: E402
+from phyai_cache.tuning.measure import interleaved_pairs  # noqa: E402
 from phyai_cache_lab.testing.syncs import HostSyncCounter  # noqa: E402
 
 STRATEGIES = ("fbcache", "dbcache", "taylorseer")

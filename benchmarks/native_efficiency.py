@@ -155,7 +155,8 @@ def main(argv=None) -> int:
               f"efficiency {row['efficiency']:.3f}  cache {row['cache_bytes'] / 2**10:.0f} KiB", flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"params_bytes": params, "steps": args.steps, "pairs": args.pairs, "rows": rows}, handle, indent=2)
+            json.dump({"params_bytes": params, "steps": args.steps, "pairs": args.pairs, "rows": rows},
+                      handle, indent=2)
     return 0
 
 

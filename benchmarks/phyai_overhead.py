@@ -84,7 +84,8 @@ def stream_errors(args) -> list[dict]:
             cache = attach(scheduler, dict(enabled=True, strategy="fbcache", threshold=threshold,
                                            options={"streams": streams}))
             out = scheduler.step(request)
-            error = {k: float((out[k] - reference[k]).abs().mean() / reference[k].abs().mean()) for k in ("video", "action")}
+            error = {k: float((out[k] - reference[k]).abs().mean() / reference[k].abs().mean())
+                     for k in ("video", "action")}
             rows.append(dict(threshold=threshold, streams=streams, steps_cached=cache.last_run.steps_cached,
                              steps_total=cache.last_run.steps_total, **error))
             cache.detach()
@@ -111,12 +112,14 @@ def main(argv=None) -> int:
     results = [measure(name, config, args) for name, config in SCHEDULES.items()]
     print(f"phyai Cosmos3 (hidden {args.hidden}, {args.layers} layers, latent {args.frames}x{args.size}x{args.size}), "
           f"{args.steps} UniPC steps with CFG, {args.rounds} interleaved rounds")
-    print("| schedule | cached/uncached (median) | quartiles | speedup | ideal | of ideal | steps cached | blocks | bit-identical |")
+    print("| schedule | cached/uncached (median) | quartiles | speedup | ideal | of ideal | steps cached | blocks | "
+          "bit-identical |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['name']} | {r['ratio']:.3f} | {r['quartiles'][0]:.3f}-{r['quartiles'][1]:.3f} | {r['speedup']:.2f}x | "
-              f"{r['ideal']:.2f}x | {r['of_ideal']:.2f} | {r['steps_cached']}/{r['steps_total']} | "
-              f"{r['blocks_computed']}/{r['blocks_total']} | {r['bit_identical']} |")
+        print(f"| {r['name']} | {r['ratio']:.3f} | {r['quartiles'][0]:.3f}-{r['quartiles'][1]:.3f} | "
+              f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['of_ideal']:.2f} | "
+              f"{r['steps_cached']}/{r['steps_total']} | {r['blocks_computed']}/{r['blocks_total']} | "
+              f"{r['bit_identical']} |")
     streams = stream_errors(args)
     print("\npolicy variant (video + action), fbcache: relative L1 error of each output against the uncached run")
     print("| threshold | streams | steps cached | video error | action error |")

@@ -9,8 +9,16 @@ from .api import CacheHandle, disable_dit_cache, enable_dit_cache, get_cache_han
 from .blocks import BlockSpec
 from .calibration import CalibrationResult, calibrate
 from .config import DiTCacheConfig, list_presets, load_config
-from .errors import (BackendUnavailableError, CacheStateError, DistributedCacheError, DiTCacheConfigError,
-                     GraphCaptureError, PhyaiCacheError, RequestClosedError, RequestFailedError)
+from .errors import (
+                     BackendUnavailableError,
+                     CacheStateError,
+                     DistributedCacheError,
+                     DiTCacheConfigError,
+                     GraphCaptureError,
+                     PhyaiCacheError,
+                     RequestClosedError,
+                     RequestFailedError,
+)
 from .registry import list_backends
 from .requests import Request, Row
 from .stats import BatchStats, RunStats, StepRecord

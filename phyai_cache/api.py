@@ -7,15 +7,15 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from . import objects
 from .blocks import BlocksArg
 from .config import ConfigSource, DiTCacheConfig, load_config, warn_if_calibrated_elsewhere, with_overrides
 from .distributed import resolve_parallel
 from .errors import CacheStateError
-from . import objects
 from .lifecycle import HANDLE_ATTR, Lifecycle, resolve_target
-from .runtime import CacheTarget
 from .registry import registered_backends, resolve_backend
 from .requests import Request, RowLike, check_steps
+from .runtime import CacheTarget
 from .stats import BatchStats, RunStats
 from .target_checks import refuse_second_transformer
 
@@ -238,7 +238,8 @@ def _install(target: Any, cache_target: CacheTarget, config: DiTCacheConfig, bac
     plan = backend.prepare(cache_target, config, blocks)  # validation only, nothing changed yet
     lifecycle = Lifecycle(cache_target, config, backend.name)
     objects.install(lifecycle, plan)  # beneath offload hooks; atomic; footprint and copy guards
-    logger.info("phyai_cache: enabled %s/%s on %s (%s)", backend.name, config.strategy if config.enabled else "disabled",
+    logger.info("phyai_cache: enabled %s/%s on %s (%s)", backend.name,
+                config.strategy if config.enabled else "disabled",
                 type(cache_target.pipeline or cache_target.transformer).__name__, plan.describe())
     return lifecycle, plan.describe()
 
@@ -272,8 +273,8 @@ def _ensure_not_enabled(target: CacheTarget) -> None:
         if shared and owner is not target.pipeline:
             raise CacheStateError(
                 f"phyai_cache is already enabled on this {type(obj).__name__} through another pipeline that shares it "
-                f"({type(owner).__name__} at {id(owner):#x}, e.g. from from_pipe); one transformer carries one cache. Disable it "
-                "there first (disable_dit_cache(other_pipe)), or give this pipeline its own transformer "
+                f"({type(owner).__name__} at {id(owner):#x}, e.g. from from_pipe); one transformer carries one cache. "
+                "Disable it there first (disable_dit_cache(other_pipe)), or give this pipeline its own transformer "
                 "(copy.deepcopy before enabling); the other pipeline's calls run uncached and exact meanwhile")
         raise CacheStateError(
             f"phyai_cache is already enabled on this {type(obj).__name__}; "

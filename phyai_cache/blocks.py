@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -78,14 +78,16 @@ SHARED_ARGUMENTS = ("image_rotary_emb", "rotary_emb", "freqs_cis", "rotary_pos_e
                     "video_rotary_emb", "audio_rotary_emb", "ca_video_rotary_emb", "ca_audio_rotary_emb")
 
 
-BlocksArg = Union[None, str, BlockSpec, Mapping[str, Any], Sequence[Union[str, BlockSpec, Mapping[str, Any]]]]
+BlocksArg = None | str | BlockSpec | Mapping[str, Any] | Sequence[str | BlockSpec | Mapping[str, Any]]
 
 
 class BlockIO:
     """Reads hidden/encoder states from a block's arguments and builds outputs in its format."""
 
     def __init__(self, module: torch.nn.Module, spec: BlockSpec) -> None:
-        self.hidden_name, self.hidden_pos = _locate_argument(module, spec.hidden_states_arg, spec.path, "hidden_states_arg")
+        self.hidden_name, self.hidden_pos = _locate_argument(
+            module, spec.hidden_states_arg, spec.path, "hidden_states_arg"
+        )
         self.encoder_name = self.encoder_pos = None
         self.returns_encoder = spec.return_encoder_hidden_states_index is not None
         if self.returns_encoder:
@@ -99,7 +101,8 @@ class BlockIO:
         self.path = spec.path
         self.positional_names = _positional_names(module)  # of the class's forward, self excluded
         declared_shared = set(spec.shared_args) - {self.hidden_name, self.encoder_name}
-        self.row_names = ({*ROW_ARGUMENTS, *spec.row_args} - declared_shared | {self.hidden_name, self.encoder_name}) - {None}
+        self.row_names = ({*ROW_ARGUMENTS, *spec.row_args} - declared_shared
+                          | {self.hidden_name, self.encoder_name}) - {None}
         self.shared_names = {*SHARED_ARGUMENTS, *spec.shared_args} - set(spec.row_args)
         self.hidden_index = spec.return_hidden_states_index
         self.encoder_index = spec.return_encoder_hidden_states_index
@@ -136,7 +139,8 @@ class BlockIO:
         self.returns_tuple = True
         if not isinstance(output, tuple) or len(output) != self.tuple_length:
             raise CacheStateError(
-                f"a block returned {type(output).__name__} of length {len(output) if isinstance(output, tuple) else '-'}"
+                f"a block returned {type(output).__name__} of length "
+                f"{len(output) if isinstance(output, tuple) else '-'}"
                 f"; the cache can only reproduce outputs made of the hidden states (index {self.hidden_index})"
                 f" and encoder states (index {self.encoder_index})"
             )
@@ -362,7 +366,8 @@ def check_block_counts(front: int, back: int, total: int, where: str = "") -> No
         return
     context = f"for this model ({total} blocks{where}"
     if front >= total:
-        raise DiTCacheConfigError("front_blocks", front, f"1 to {max(total - 1 - back, 1)} {context}, back_blocks={back})")
+        raise DiTCacheConfigError("front_blocks", front,
+                                  f"1 to {max(total - 1 - back, 1)} {context}, back_blocks={back})")
     raise DiTCacheConfigError("back_blocks", back, f"0 to {max(total - 1 - front, 0)} {context}, front_blocks={front})")
 
 

@@ -12,9 +12,8 @@ from typing import Any
 
 import yaml
 
-from .config import DiTCacheConfig, list_presets, load_config, preset_path
+from .config import list_presets, load_config, preset_path
 from .errors import PhyaiCacheError
-
 
 COMMANDS_ENTRY_POINT = "phyai_cache.commands"
 LAB_COMMANDS = ("bench", "tune", "calibrate", "demo", "support", "serve", "bench-serving")

@@ -19,7 +19,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
@@ -35,7 +35,7 @@ MAX_TAYLORSEER_ORDER = 4
 # strategy does not use is an error, never silently ignored. ``enabled``, ``backend``, ``strategy``,
 # ``separate_cfg`` and ``options`` apply to every strategy.
 
-SeparateCFG = Union[bool, Literal["auto"]]
+SeparateCFG = bool | Literal["auto"]
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ def warn_if_calibrated_elsewhere(config: DiTCacheConfig, model: Any) -> bool:
 
 # -- loading ------------------------------------------------------------------------------------
 
-ConfigSource = Union[DiTCacheConfig, Mapping[str, Any], str, Path, None]
+ConfigSource = DiTCacheConfig | Mapping[str, Any] | str | Path | None
 
 def _find_preset_dir() -> Path:
     # Installed wheels carry the presets inside the package; a source checkout keeps them in the

@@ -53,7 +53,7 @@ from typing import Any, NoReturn
 import torch
 
 from .decision import SharedDecisions
-from .errors import BackendUnavailableError, CacheStateError, DiTCacheConfigError, DistributedCacheError
+from .errors import BackendUnavailableError, CacheStateError, DistributedCacheError, DiTCacheConfigError
 
 logger = logging.getLogger("phyai_cache")
 

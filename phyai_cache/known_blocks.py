@@ -26,8 +26,8 @@ instead of giving silently wrong outputs (or failing at the first call).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import DiTCacheConfigError

@@ -137,14 +137,14 @@ class Footprint:
             if current is not module:
                 raise TargetChangedError(
                     f"{operation}: {kind}.{name} was replaced after the cache was enabled (a block list or block "
-                    f"assigned anew, e.g. transformer.{name.split('.')[0]} = ModuleList(...)); the cache is installed on "
-                    f"the modules it had then and would silently do nothing. {fix}")
+                    f"assigned anew, e.g. transformer.{name.split('.')[0]} = ModuleList(...)); the cache is "
+                    f"installed on the modules it had then and would silently do nothing. {fix}")
             if not all(in_forward_chain(module, value) for value in ours) and _known_forward(module):
                 where = f"{kind}.{name}" if name else kind
                 raise TargetChangedError(
                     f"{operation}: {where}.forward was replaced after the cache was enabled (set back to the class's "
-                    f"forward, or a hook installed before the cache was removed), so the cache's wrapper is no longer called "
-                    f"and the run would silently do nothing. {fix}")
+                    f"forward, or a hook installed before the cache was removed), so the cache's wrapper is no longer "
+                    f"called and the run would silently do nothing. {fix}")
 
 
 def _known_forward(module: torch.nn.Module) -> bool:

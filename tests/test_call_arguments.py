@@ -7,11 +7,8 @@ same call either way, and a run whose calls cannot be told apart is never silent
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
-from torch import nn
 
 from phyai_cache import CacheStateError, enable_dit_cache
 from phyai_cache.calls import CallSignature
@@ -63,7 +60,8 @@ def test_unreadable_timestep_warns_once_and_refuses_mixed_branches(caplog):
     model = NoTimestepName()
     model.load_state_dict(build_toy_dit().state_dict())
     handle = enable_dit_cache(model, blocks="layers", **HIT)
-    with pytest.raises(CacheStateError, match=r"branch 'default' got call 9 in a run declared with 8 steps.*handle.branch"):
+    with pytest.raises(CacheStateError,
+                       match=r"branch 'default' got call 9 in a run declared with 8 steps.*handle.branch"):
         cfg_loop(model, handle, keyword=False)
     stats = handle.last_run
     assert not stats.completed and list(stats.warnings) == ["timestep_unread"]

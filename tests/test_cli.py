@@ -49,8 +49,8 @@ def test_demo_on_tiny_pipeline(tmp_path, capsys):
     assert result["quality"]["psnr_db"] > 0
 
 
-@pytest.mark.parametrize("command", [["demo"], ["bench"], ["tune", "--target-psnr", "40"], ["calibrate", "--strategy", "magcache"],
-                                     ["serve"], ["bench-serving"]])
+@pytest.mark.parametrize("command", [["demo"], ["bench"], ["tune", "--target-psnr", "40"],
+                                     ["calibrate", "--strategy", "magcache"], ["serve"], ["bench-serving"]])
 def test_every_command_refuses_a_thread_count_below_one(command, capsys):
     """``--threads`` is declared once (cli_options) for every command that takes it, and checked there."""
     with pytest.raises(SystemExit, match=r"--threads: got 0; allowed: an integer >= 1"):

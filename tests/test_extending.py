@@ -24,12 +24,12 @@ from phyai_cache.adapters.base import Backend, Installation, Plan, StrategySuppo
 from phyai_cache.adapters.diffusers import DIFFUSERS_CACHES, DiffusersCache
 from phyai_cache.adapters.diffusers.driver import Driver
 from phyai_cache.adapters.diffusers.model import BlockHooks
-from phyai_cache_lab.bench.sweep import plan_sweep
 from phyai_cache.decision import StepRules
 from phyai_cache.runtime import RunStates
 from phyai_cache.strategies import StrategySpec, backend_names, register_strategy, unregister_strategy
 from phyai_cache.strategies._options import OptionRules
 from phyai_cache.versions import MIN_VERSIONS
+from phyai_cache_lab.bench.sweep import plan_sweep
 
 EXTENDING = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 

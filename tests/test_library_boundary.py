@@ -32,14 +32,16 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_no_library_module_imports_the_lab():
-    offenders = {str(path.relative_to(REPO)): sorted(m for m in _imported_modules(path) if m.split(".")[0] == LAB_PACKAGE)
+    offenders = {str(path.relative_to(REPO)): sorted(m for m in _imported_modules(path)
+                                                     if m.split(".")[0] == LAB_PACKAGE)
                  for path in LIBRARY.rglob("*.py")}
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
 def test_importing_every_library_module_loads_no_lab_module():
-    modules = sorted("phyai_cache." + ".".join(path.relative_to(LIBRARY).with_suffix("").parts).removesuffix(".__init__")
-                     for path in LIBRARY.rglob("*.py") if path.name != "__main__.py")
+    modules = sorted(
+        "phyai_cache." + ".".join(path.relative_to(LIBRARY).with_suffix("").parts).removesuffix(".__init__")
+        for path in LIBRARY.rglob("*.py") if path.name != "__main__.py")
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n"
             "    importlib.import_module(name.removesuffix('.'))\n"

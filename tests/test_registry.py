@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import phyai_cache.registry as registry
 import phyai_cache.strategies as strategies
 from phyai_cache import BackendUnavailableError, DiTCacheConfig, list_backends
-import dataclasses
-
 from phyai_cache.adapters.base import Backend, StrategySupport, unsupported
 from phyai_cache.strategies import get_strategy, strategy_names
 

@@ -14,7 +14,6 @@ from combos import served_combinations, settings_for
 from phyai_cache import DiTCacheConfig, DiTCacheConfigError, enable_dit_cache, list_backends
 from phyai_cache.adapters.cache_dit import SERVED_STRATEGIES as CACHE_DIT_SERVED
 from phyai_cache.adapters.diffusers import DIFFUSERS_CACHES
-from phyai_cache_lab.bench.sweep import plan_sweep
 from phyai_cache.cli import main
 from phyai_cache.registry import resolve_backend
 from phyai_cache.strategies import (
@@ -26,6 +25,7 @@ from phyai_cache.strategies import (
     strategy_names,
     unregister_strategy,
 )
+from phyai_cache_lab.bench.sweep import plan_sweep
 
 THROWAWAY = StrategySpec(
     name="throwaway_fb",

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from phyai_cache import disable_dit_cache, list_backends
-from phyai_cache_lab.testing import build_tiny_pipeline
 from phyai_cache.versions import MIN_VERSIONS, at_least, backend_version
+from phyai_cache_lab.testing import build_tiny_pipeline
 
 torch.set_num_threads(1)  # tiny models: threads only add noise on shared cores
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from phyai_cache import BackendUnavailableError, DiTCacheConfigError, disable_dit_cache, enable_dit_cache
-from phyai_cache_lab.testing import build_tiny_pipeline
 from phyai_cache.versions import MIN_VERSIONS, backend_version
+from phyai_cache_lab.testing import build_tiny_pipeline
 
 INSTALLED = backend_version("diffusers")
 TABLE = MIN_VERSIONS["diffusers"]

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-
 from flow_training import fit, save_outputs, training_parser, training_record
 
 from phyai_cache_lab.cli_options import apply_threads

@@ -81,8 +81,9 @@ SCHEDULER_CONFIG = {
 
 
 def parse_args() -> argparse.Namespace:
-    return training_parser(__doc__.split("\n\n")[0], out=DEFAULT_OUT, seconds=1500.0, batch_size=16, log_every=25,
-                           label_dropout_help="probability of the null digit and motion together (for CFG)").parse_args()
+    parser = training_parser(__doc__.split("\n\n")[0], out=DEFAULT_OUT, seconds=1500.0, batch_size=16, log_every=25,
+                             label_dropout_help="probability of the null digit and motion together (for CFG)")
+    return parser.parse_args()
 
 
 def make_embeddings(seed: int) -> dict[str, torch.Tensor]:

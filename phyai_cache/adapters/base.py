@@ -20,7 +20,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, ContextManager
+from typing import Any, ClassVar
 
 from ..config import DiTCacheConfig
 from ..runtime import CacheTarget, CallInfo, CallSource, RunState, TransformerCall
@@ -73,7 +73,7 @@ class Installation(ABC):
     def end_run(self, run: RunState) -> None:
         """Called when a run ends, also when it raised; must drop all per-run backend state."""
 
-    def call_context(self, call: CallInfo) -> ContextManager[None]:
+    def call_context(self, call: CallInfo) -> contextlib.AbstractContextManager[None]:
         """Entered around each transformer call of a run, after its branch and step are known.
 
         Upstream adapters use it to set the backend's own per-call state (e.g. a diffusers

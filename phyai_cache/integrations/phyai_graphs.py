@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..blocks import BlockSpec, BlocksArg, normalize_specs
+from ..blocks import BlocksArg, BlockSpec, normalize_specs
 from ..calls import TIMESTEP_ARGUMENTS
 from ..config import DiTCacheConfig
 from ..decision import Decision

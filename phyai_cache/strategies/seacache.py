@@ -15,7 +15,8 @@ from . import StrategySpec
 
 SPEC = StrategySpec(
     name="seacache",
-    summary="skip the block stack while the accumulated change of the spectrally filtered latents stays low (diffusers' SeaCache)",
+    summary="skip the block stack while the accumulated change of the spectrally filtered latents stays low "
+            "(diffusers' SeaCache)",
     fields=("threshold", "warmup_steps", "active_steps", "max_consecutive_cached", "taylorseer_order"),
     defaults={"threshold": 0.25, "warmup_steps": 1, "max_consecutive_cached": 2, "taylorseer_order": 1},
     backends=("diffusers",),

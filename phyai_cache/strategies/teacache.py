@@ -12,10 +12,10 @@ How ours differs from the paper: the polynomial is fitted on the user's own pipe
 hard-codes it) and defaults to the identity (the raw modulated-input change) when not given; the
 modulated input is found generically (the first block's ``norm1``/``norm`` with its ``temb``
 argument, ``options.probe``) instead of per-model code, falling back to the unmodulated hidden input
-for blocks without one (or whose norm applies a modulation computed outside it, as Chroma's); the reused residual is kept per block list and can be forecast
-(``taylorseer_order``); the step rules, caps and shared-CFG decisions are the unified ones. Because
-the statistic needs the first block's arguments, a cached step still runs the model's embeddings
-(no whole-call skipping).
+for blocks without one (or whose norm applies a modulation computed outside it, as Chroma's); the
+reused residual is kept per block list and can be forecast (``taylorseer_order``); the step rules,
+caps and shared-CFG decisions are the unified ones. Because the statistic needs the first block's
+arguments, a cached step still runs the model's embeddings (no whole-call skipping).
 """
 
 from __future__ import annotations

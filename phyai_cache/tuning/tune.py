@@ -36,11 +36,11 @@ import yaml
 
 from ..api import enable_dit_cache, get_cache_handle
 from ..config import DiTCacheConfig
-from ..lifecycle import resolve_target
-from ..strategies import SEARCH_SCHEDULE, get_strategy
 from ..errors import PhyaiCacheError
+from ..lifecycle import resolve_target
 from ..registry import list_backends
 from ..stats import RunStats
+from ..strategies import SEARCH_SCHEDULE, get_strategy
 from .measure import interleaved_pairs, quality, timed_call
 from .outputs import CallKwargs, Extract, extract_images
 

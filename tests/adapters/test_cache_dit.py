@@ -13,20 +13,20 @@ import logging
 import os
 from pathlib import Path
 
-import pytest
-from counting import count_block_executions
 import diffusers
+import pytest
 import torch
+from counting import count_block_executions
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read once, when cache_dit is first imported
 cache_dit = pytest.importorskip("cache_dit")
 
-import phyai_cache.adapters.cache_dit as adapter_module  # noqa: E402
-import phyai_cache.adapters.cache_dit.model as cache_dit_model  # noqa: E402
-import phyai_cache_lab.testing.families as families  # noqa: E402
-import phyai_cache.lifecycle as lifecycle_module  # noqa: E402
 from snapshots import target_fingerprint  # noqa: E402
 
+import phyai_cache.adapters.cache_dit as adapter_module  # noqa: E402
+import phyai_cache.adapters.cache_dit.model as cache_dit_model  # noqa: E402
+import phyai_cache.lifecycle as lifecycle_module  # noqa: E402
+import phyai_cache_lab.testing.families as families  # noqa: E402
 from phyai_cache import (  # noqa: E402
     BackendUnavailableError,
     DiTCacheConfig,
@@ -36,9 +36,9 @@ from phyai_cache import (  # noqa: E402
     get_cache_handle,
 )
 from phyai_cache.registry import resolve_backend  # noqa: E402
+from phyai_cache.versions import feature_available  # noqa: E402
 from phyai_cache_lab.testing import available_families, build_tiny_pipeline, family_available  # noqa: E402
 from phyai_cache_lab.testing.toy import build_toy_dit, denoise  # noqa: E402
-from phyai_cache.versions import feature_available  # noqa: E402
 
 ON = {"enabled": True, "backend": "cache_dit", "threshold": 0.6, "warmup_steps": 1}
 SERVED = {

@@ -9,19 +9,24 @@ import subprocess
 import sys
 
 import pytest
-from counting import count_block_executions
 import torch
+from counting import count_block_executions
 from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 from diffusers.hooks.hooks import HookRegistry
 from snapshots import target_fingerprint
 
 import phyai_cache.lifecycle as lifecycle_module
-from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfigError, disable_dit_cache,
-                         enable_dit_cache)
+from phyai_cache import (
+    BackendUnavailableError,
+    CacheStateError,
+    DiTCacheConfigError,
+    disable_dit_cache,
+    enable_dit_cache,
+)
 from phyai_cache.adapters.diffusers import DiffusersBackend
+from phyai_cache.versions import MIN_VERSIONS
 from phyai_cache_lab.testing import PIPELINE_FAMILIES, build_tiny_pipeline
 from phyai_cache_lab.testing.families import SERVED, family, run_family
-from phyai_cache.versions import MIN_VERSIONS
 
 STRATEGIES = ("fbcache", "pab", "fastercache", "taylorseer", "magcache")
 ON = {"enabled": True, "backend": "diffusers"}

@@ -10,10 +10,10 @@ import torch
 from phyai_cache import CacheStateError, DiTCacheConfigError, enable_dit_cache
 from phyai_cache.adapters.diffusers.seacache import raw_vision
 from phyai_cache.tuning import psnr
+from phyai_cache.versions import feature_available, installed_version
 from phyai_cache_lab.reference import call_kwargs, latents_to_images, load_pipeline
 from phyai_cache_lab.testing import build_tiny_pipeline
 from phyai_cache_lab.testing.families import SERVED, family, run_family
-from phyai_cache.versions import feature_available, installed_version
 
 pytestmark = pytest.mark.skipif(not feature_available("diffusers", "seacache", installed_version("diffusers")),
                                 reason="needs diffusers with SeaCache and TextKVCache")

@@ -13,9 +13,9 @@ from counting import count_block_executions
 
 import phyai_cache_lab.testing.families as families
 from phyai_cache import CacheStateError, DiTCacheConfigError, enable_dit_cache
-from phyai_cache_lab.reference import call_kwargs, load_pipeline
 from phyai_cache.strategies.magcache import ratios_for_steps
-from phyai_cache_lab.testing.toy import build_toy_dit, denoise
+from phyai_cache_lab.reference import call_kwargs, load_pipeline
+from phyai_cache_lab.testing.toy import denoise
 
 ON = {"enabled": True, "backend": "native"}
 LABELS = [0, 3, 7, 9]
@@ -217,7 +217,8 @@ def test_teacache_on_chroma_measures_the_chain_input():
     (dict(strategy="fbcache", options={"verify": 0}), "options.verify", "> 0"),
     (dict(strategy="fbcache", options={"skip_call": True}), "options.skip_call", "one of verify"),
     (dict(strategy="taylorseer", options={"skip_call": "yes"}), "options.skip_call", "true or false"),
-    (dict(strategy="taylorseer", options={"skip_call": True, "verify": 0.1}), "options.skip_call", "with options.verify"),
+    (dict(strategy="taylorseer", options={"skip_call": True, "verify": 0.1}), "options.skip_call",
+     "with options.verify"),
     (dict(strategy="teacache", options={"skip_call": True}), "options.skip_call", "one of coefficients"),
     (dict(strategy="teacache", options={"probe": "temb"}), "options.probe", "'modulated'"),
     (dict(strategy="teacache", options={"coefficients": [1, "x"]}), "options.coefficients", "item 1"),

@@ -69,5 +69,6 @@ def test_magcache_decisions_agree_across_backends(pipe, options, cfg_scale):
             results[backend] = [(r.branch, r.step, r.decision) for r in handle.last_run.records]
         finally:
             handle.disable()
-    assert any(d == "cached" for _, _, d in results["native"]) and any(d == "computed" for _, _, d in results["native"][2:])
+    assert any(d == "cached" for _, _, d in results["native"])
+    assert any(d == "computed" for _, _, d in results["native"][2:])
     assert results["diffusers"] == results["native"]

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
+from phyai_cache.cli import main
 from phyai_cache_lab.bench import BenchOptions, SweepEntry, reference_workload, run_bench
 from phyai_cache_lab.bench.report import markdown, write_json
-from phyai_cache.cli import main
 
 STEPS, BATCH = 6, 2
 # The documented row fields (docs/benchmarks.md, "JSON fields"); a rename is a schema change.

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from phyai_cache import get_cache_handle, load_config
+from phyai_cache.config import DiTCacheConfig
 from phyai_cache.tuning import tune
 from phyai_cache_lab.bench import reference_workload, runner
 from phyai_cache_lab.bench.report import native_versus_anchors
 from phyai_cache_lab.bench.runner import BenchRow, calibrated
 from phyai_cache_lab.bench.sweep import plan_sweep, strategy_variants
-from phyai_cache.config import DiTCacheConfig
 from phyai_cache_lab.reference import load_pipeline
 
 

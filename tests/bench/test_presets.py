@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from phyai_cache import enable_dit_cache, list_presets, load_config
+from phyai_cache.config import preset_path
 from phyai_cache.tuning import psnr
 from phyai_cache_lab.bench import reference_workload
-from phyai_cache.config import preset_path
 
 TIER_DB = {"quality": 40.0, "balanced": 33.0, "fast": 28.0}
 FIGURES = {"seeds", "psnr_db", "ssim", "agreement", "ideal_speedup"}

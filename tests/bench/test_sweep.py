@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from phyai_cache.adapters.base import StrategySupport
-from phyai_cache_lab.bench import sweep
-from phyai_cache_lab.bench.sweep import plan_sweep, strategy_variants
 from phyai_cache.config import list_presets, load_config
 from phyai_cache.registry import BackendReport, list_backends
 from phyai_cache.strategies import strategy_names
+from phyai_cache_lab.bench import sweep
+from phyai_cache_lab.bench.sweep import plan_sweep, strategy_variants
 
 
 def _report(name: str, installed: bool = True, available: tuple[str, ...] = ()) -> BackendReport:

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
+from phyai_cache.cli import main
 from phyai_cache_lab.bench import BenchOptions, SweepEntry, run_bench
 from phyai_cache_lab.bench.models import MODELS, video_workload, workload_factory
 from phyai_cache_lab.bench.report import markdown, write_json
-from phyai_cache.cli import main
 from phyai_cache_lab.reference.video import load_video_metadata
 
 STEPS = 5

@@ -23,8 +23,15 @@ import os
 import pytest
 
 from phyai_cache import enable_dit_cache
-from phyai_cache_lab.testing.distributed import (RankFailure, attempt, build_tokenwise_dit, denoise_cfg, denoise_sharded,
-                                             inputs, run_ranks)
+from phyai_cache_lab.testing.distributed import (
+    RankFailure,
+    attempt,
+    build_tokenwise_dit,
+    denoise_cfg,
+    denoise_sharded,
+    inputs,
+    run_ranks,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -124,7 +124,7 @@ def test_sequence_times_cfg_parallel(ranks, solo, mode):
     key = f"cfg_{mode}"
     expected = solo[key]["records"]
     _well_posed(expected)
-    for rank, (branch, position) in enumerate([("cond", 0), ("cond", 1), ("uncond", 0), ("uncond", 1)]):
+    for rank, (branch, _position) in enumerate([("cond", 0), ("cond", 1), ("uncond", 0), ("uncond", 1)]):
         mine = ranks[rank][key]["records"]
         want = [r for r in expected if r[1] == branch]
         if mode == "shared" and branch == "uncond":

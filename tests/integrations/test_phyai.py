@@ -10,11 +10,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phyai_cache import (BackendUnavailableError, CacheStateError, DiTCacheConfigError, enable_dit_cache,
-                         get_cache_handle)
+from phyai_cache import (
+    BackendUnavailableError,
+    CacheStateError,
+    DiTCacheConfigError,
+    enable_dit_cache,
+    get_cache_handle,
+)
 from phyai_cache.integrations.phyai import attach
-from phyai_cache_lab.testing.phyai import (build_tiny_cosmos3, cosmos3_action_request, cosmos3_policy_scheduler,
-                                       cosmos3_request, cosmos3_scheduler)
+from phyai_cache_lab.testing.phyai import (
+    build_tiny_cosmos3,
+    cosmos3_action_request,
+    cosmos3_policy_scheduler,
+    cosmos3_request,
+    cosmos3_scheduler,
+)
 
 STEPS = 12
 MODERATE = dict(enabled=True, strategy="fbcache", threshold=0.3)

@@ -19,7 +19,12 @@ import torch
 from phyai_cache import DiTCacheConfigError, GraphCaptureError
 from phyai_cache.integrations.phyai import attach
 from phyai_cache_lab.testing.phyai import load_phyai, phyai_source
-from phyai_cache_lab.testing.qwen_image_21 import QwenImage21Request, QwenImage21Scheduler, RecordingCudaGraph, build_scheduler
+from phyai_cache_lab.testing.qwen_image_21 import (
+    QwenImage21Request,
+    QwenImage21Scheduler,
+    RecordingCudaGraph,
+    build_scheduler,
+)
 
 STEPS = 8
 WHOLE_CALL = {
@@ -154,6 +159,7 @@ def test_stand_ins_match_phyai():
     from phyai.runtime.cuda_graph_manager import CudaGraph
 
     for method in ("capture", "replay"):
-        ours, theirs = inspect.signature(getattr(RecordingCudaGraph, method)), inspect.signature(getattr(CudaGraph, method))
+        ours = inspect.signature(getattr(RecordingCudaGraph, method))
+        theirs = inspect.signature(getattr(CudaGraph, method))
         assert list(ours.parameters) == list(theirs.parameters), method
     assert {"is_captured", "input_buffer"} <= set(dir(RecordingCudaGraph))

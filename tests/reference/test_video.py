@@ -133,7 +133,8 @@ def test_runtime_does_not_import_sklearn():
     code = (
         "import sys, torch\n"
         "from phyai_cache_lab.reference import video\n"
-        "video.load_video_pipeline(); video.video_call_kwargs([1]); video.frame_classes(torch.zeros(1, 8, 1, 16, 16), [0])\n"
+        "video.load_video_pipeline(); video.video_call_kwargs([1]); "
+        "video.frame_classes(torch.zeros(1, 8, 1, 16, 16), [0])\n"
         "assert 'sklearn' not in sys.modules, 'sklearn imported at runtime'\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}

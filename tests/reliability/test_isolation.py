@@ -10,7 +10,7 @@ import torch
 from combos import combo_id, served_combinations, settings_for
 from snapshots import target_fingerprint
 
-from phyai_cache import BackendUnavailableError, DiTCacheConfigError, enable_dit_cache, disable_dit_cache
+from phyai_cache import BackendUnavailableError, DiTCacheConfigError, disable_dit_cache, enable_dit_cache
 from phyai_cache_lab.testing import build_tiny_pipeline
 
 COMBOS = served_combinations()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from phyai_cache import enable_dit_cache
-from phyai_cache_lab import reference
 from phyai_cache.tuning import psnr
+from phyai_cache_lab import reference
 from phyai_cache_lab.serving import ServeRequest, StepEngine, make_trace
 from phyai_cache_lab.serving.engine import serve_one
 

@@ -266,7 +266,7 @@ def test_every_figure_can_be_read_from_a_metrics_thread_while_requests_open_clos
                 seen_bytes.append(handle.cache_bytes)
                 for job in jobs:
                     job.request.cache_bytes, job.request.stats.to_dict(), job.request.stats.summary()
-                handle.open_requests, handle.last_batch
+                _ = handle.open_requests, handle.last_batch
         except BaseException as error:  # reported below
             errors.append(error)
 
@@ -274,7 +274,7 @@ def test_every_figure_can_be_read_from_a_metrics_thread_while_requests_open_clos
         try:
             while not stop.is_set():
                 request = handle.open_request(HIT)
-                request.cache_bytes
+                _ = request.cache_bytes
                 request.close()
         except BaseException as error:
             errors.append(error)

@@ -8,10 +8,9 @@ calls the transformer twice per step.
 from __future__ import annotations
 
 import pytest
-
-from phyai_cache.blocks import discover_blocks
 import torch
 
+from phyai_cache.blocks import discover_blocks
 from phyai_cache_lab.testing import PIPELINE_FAMILIES, TinyPipeline, build_tiny_pipeline, count_transformer_calls
 
 STEPS = 3

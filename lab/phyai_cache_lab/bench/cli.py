@@ -154,7 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"bench: {model_title(args.model)}, steps {list(options.steps)}, batch {options.batch_size}, "
-          f"{options.repeats} timed pair(s) per config{', CFG %g' % options.cfg_scale if options.cfg_scale else ''}")
+          f"{options.repeats} timed pair(s) per config{f', CFG {options.cfg_scale:g}' if options.cfg_scale else ''}")
     model = {} if args.model == "reference" else {"workload_factory": workload_factory(args.model)}
     report = run_bench(options, progress=ProgressBar(), **model)
     command = _command_line(args)
@@ -205,7 +205,8 @@ class ProgressBar:
         filled = int(self.width * done / max(total, 1))
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (total - done) if done else 0.0
-        line = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} runs, eta {eta:4.0f} s  {label[:48]:48s}"
+        line = (f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} runs, eta {eta:4.0f} s  "
+                f"{label[:48]:48s}")
         sys.stderr.write(line)
         if done >= total:
             sys.stderr.write("\n")
@@ -266,6 +267,7 @@ TIER_TRADES = {
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from phyai_cache.tuning import tune_tiers
+
     from .workload import reference_workload
 
     apply_threads(args)

@@ -15,6 +15,7 @@ from typing import Any
 from phyai_cache.api import enable_dit_cache
 from phyai_cache.config import DiTCacheConfig
 from phyai_cache.stats import RunStats
+
 from .measure import quality, time_against_uncached, timed_call
 from .runner import Progress, RunCounter
 from .workload import Workload, reference_available, reference_workload, tiny_workload

@@ -16,6 +16,7 @@ import torch
 from phyai_cache.api import CacheHandle
 from phyai_cache.stats import RunStats
 from phyai_cache.tuning.measure import PairTiming, interleaved_pairs, quality, timed_call
+
 from .workload import Workload
 
 __all__ = ["PairTiming", "interleaved_pairs", "quality", "summarize_runs", "time_against_uncached", "timed_call"]

@@ -37,8 +37,7 @@ def video_workload(steps: int, batch_size: int = 10, cfg_scale: float | None = N
 
     Outputs are frames ``(clips * 8, 1, 16, 16)`` in [0, 1], clip after clip.
     """
-    from ..reference import load_classifier
-    from ..reference import video
+    from ..reference import load_classifier, video
 
     labels = [i % video.NUM_CLASSES for i in range(batch_size)]
     motions = video.default_motions(batch_size)
@@ -80,8 +79,8 @@ def video_workload(steps: int, batch_size: int = 10, cfg_scale: float | None = N
         agreement=agreement,
         classes=classes,
         metrics=metrics,
-        details={"model": f"phyai_cache_lab.reference.video moving-digits DiT (WanPipeline, {params / 1e6:.2f} M params, "
-                          f"{frames}x16x16)",
+        details={"model": f"phyai_cache_lab.reference.video moving-digits DiT (WanPipeline, "
+                          f"{params / 1e6:.2f} M params, {frames}x16x16)",
                  "steps": steps, "batch_size": batch_size, "frames_per_clip": frames, "cfg_scale": cfg_scale,
                  "scheduler": "UniPCMultistepScheduler (flow sigmas, shift 3)", "dtype": "float32", "device": "cpu"},
     )

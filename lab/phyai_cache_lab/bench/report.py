@@ -87,7 +87,8 @@ def _table(baseline: Baseline, rows: list[BenchRow]) -> str:
     columns = COLUMNS[:-1] + tuple(METRIC_COLUMNS.get(k, k) for k in extra) + COLUMNS[-1:]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines.append(_line(_with_metrics(["uncached", "-", "0", "all", "1.00x", "1.00x", _ms(baseline.latency_s), "inf",
-                                      "1.000", _pct(baseline.agreement), "", "", "reference"], baseline.metrics, extra)))
+                                      "1.000", _pct(baseline.agreement), "", "", "reference"],
+                                     baseline.metrics, extra)))
     for row in rows:
         lines.append(_line(_with_metrics(_cells(row), row.get("workload_metrics"), extra)))
     lines.append("")

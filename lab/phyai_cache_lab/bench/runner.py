@@ -30,6 +30,7 @@ from phyai_cache.calibration import calibrate
 from phyai_cache.config import DiTCacheConfig
 from phyai_cache.errors import PhyaiCacheError
 from phyai_cache.strategies import get_strategy
+
 from .measure import quality, summarize_runs, time_against_uncached, timed_call
 from .sweep import Skipped, SweepEntry, plan_sweep
 from .workload import Workload, reference_workload

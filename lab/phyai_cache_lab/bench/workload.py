@@ -7,7 +7,7 @@ Any diffusers pipeline works through :func:`extract_images`, the default reader 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ def weights_path(name: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def _metadata() -> dict[str, Any]:
     return json.loads(weights_path(METADATA_FILE).read_text())
 
@@ -47,7 +47,7 @@ def load_metadata() -> dict[str, Any]:
     return copy.deepcopy(_metadata())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tensors(name: str) -> dict[str, torch.Tensor]:
     return load_file(str(weights_path(name)))
 

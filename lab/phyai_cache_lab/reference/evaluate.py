@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline
 
-from phyai_cache_lab.cli_options import add_threads_option, apply_threads
 from phyai_cache.decision import relative_l1
+from phyai_cache_lab.cli_options import add_threads_option, apply_threads
+
 from .classifier import agreement, load_classifier
 from .pipeline import NUM_CLASSES, call_kwargs, generate, load_pipeline
 

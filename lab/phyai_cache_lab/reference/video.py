@@ -33,7 +33,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ def _path(name: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def _metadata(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -89,7 +89,7 @@ def load_video_metadata() -> dict[str, Any]:
     return copy.deepcopy(_metadata(_path(VIDEO_METADATA_FILE)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

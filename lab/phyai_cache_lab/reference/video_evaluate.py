@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from phyai_cache_lab.cli_options import add_threads_option, apply_threads
+
 from .classifier import load_classifier
 from .evaluate import FirstBlockResiduals, write_tile_grid
 from .video import (

@@ -178,7 +178,8 @@ def _capacity(plain: Any, options: ServingOptions) -> float:
 
     engine = StepEngine(plain, None, options.max_rows)
     requests = [ServeRequest(f"c{i}", label=i % reference.NUM_CLASSES, seed=i, num_inference_steps=options.steps,
-                             cfg_scale=options.cfg_scale) for i in range(options.max_rows // (2 if options.cfg_scale else 1))]
+                             cfg_scale=options.cfg_scale)
+                for i in range(options.max_rows // (2 if options.cfg_scale else 1))]
     timings = []
     for _ in range(3):
         began = time.perf_counter()
@@ -189,8 +190,8 @@ def _capacity(plain: Any, options: ServingOptions) -> float:
 
 def _compare_with_solo(trace: list[ServeRequest], outputs: dict[str, dict[str, Completed]], plain: Any,
                        cached: Any, handle: Any, tick: Callable[[str], None]) -> list[RequestRow]:
-    from phyai_cache_lab import reference
     from phyai_cache.tuning import psnr
+    from phyai_cache_lab import reference
 
     def images(latents: torch.Tensor) -> torch.Tensor:
         return reference.latents_to_images(latents)
@@ -228,7 +229,7 @@ def markdown(report: ServingReport) -> str:
     lines = [
         f"Trace: {o.num_requests} requests, Poisson arrivals at {report.rate_per_s:.1f}/s "
         f"({o.load:g}x the uncached capacity of {report.capacity_per_s:.1f}/s), tiers {', '.join(o.tiers)}, "
-        f"{o.steps} steps{', true CFG %g' % o.cfg_scale if o.cfg_scale else ''}, up to {o.max_rows} rows per call, "
+        f"{o.steps} steps{f', true CFG {o.cfg_scale:g}' if o.cfg_scale else ''}, up to {o.max_rows} rows per call, "
         f"seed {o.seed}, {o.rounds} rounds in alternating order.",
         "",
         "| mode | throughput (req/s, median) | vs uncached (median of per-round ratios) | p50 latency (s) | "
@@ -242,9 +243,10 @@ def markdown(report: ServingReport) -> str:
                      f"{m['mean_rows_per_call']:.1f} |")
     lines += ["", f"per-row vs per-batch throughput: **{s['per_row_vs_per_batch']:.2f}x**; per-row vs uncached: "
                   f"**{s['per_row_vs_uncached']:.2f}x** (its block-count ideal, 1 / row-blocks computed: "
-                  f"{s['per_row_ideal_vs_uncached']:.2f}x). Per-row requests with decisions identical to their solo run: "
-                  f"**{s['per_row_decisions_identical_to_solo']}/{s['requests']}**; lowest PSNR of a cached request "
-                  f"against its solo run with the same config: **{s['min_psnr_per_row_vs_solo']:.1f} dB**.", ""]
+                  f"{s['per_row_ideal_vs_uncached']:.2f}x). Per-row requests with decisions identical to their "
+                  f"solo run: **{s['per_row_decisions_identical_to_solo']}/{s['requests']}**; lowest PSNR of a "
+                  f"cached request against its solo run with the same config: "
+                  f"**{s['min_psnr_per_row_vs_solo']:.1f} dB**.", ""]
     lines += ["| tier | requests | steps cached (mean) | PSNR vs uncached solo: per_batch | per_row | "
               "per_row vs same-config solo (min) |", "|---|---|---|---|---|---|"]
     for tier in o.tiers:

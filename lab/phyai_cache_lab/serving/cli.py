@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from phyai_cache_lab.cli_options import add_cfg_option, add_threads_option, apply_threads
+
 from .trace import DEFAULT_TIERS, TIERS
 
 
@@ -50,6 +51,7 @@ def _trace_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from phyai_cache import enable_dit_cache
     from phyai_cache_lab import reference
+
     from .engine import StepEngine
     from .trace import make_trace
 

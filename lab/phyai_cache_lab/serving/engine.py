@@ -173,7 +173,8 @@ class StepEngine:
         if self.handle is None:
             return None
         if spec.tier not in self.tier_configs:
-            raise ValueError(f"request {spec.request_id}: unknown tier {spec.tier!r}; known: {', '.join(self.tier_configs)}")
+            raise ValueError(f"request {spec.request_id}: unknown tier {spec.tier!r}; "
+                             f"known: {', '.join(self.tier_configs)}")
         return self.handle.open_request(self.tier_configs[spec.tier], request_id=spec.request_id,
                                         num_inference_steps=spec.num_inference_steps)
 
@@ -257,7 +258,8 @@ class StepEngine:
             totals.row_blocks_computed += batch.row_blocks_computed
             totals.batch_sizes.append(batch.rows)
         else:
-            blocks = sum(len(b) for b in (self.transformer.transformer_blocks, self.transformer.single_transformer_blocks))
+            blocks = sum(len(b) for b in (self.transformer.transformer_blocks,
+                                          self.transformer.single_transformer_blocks))
             totals.row_steps += rows
             totals.row_blocks_total += rows * blocks
             totals.row_blocks_computed += rows * blocks

@@ -27,7 +27,6 @@ or ``failed`` (anything else, with what happened). ``support_table.render`` turn
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 
 STEPS = 3
 """Denoising steps of the minimal loop (two CFG branches each: six transformer calls per run)."""

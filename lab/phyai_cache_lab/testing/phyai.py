@@ -127,7 +127,6 @@ def init_single_process() -> None:
     """phyai's parallel state for a world of one (no torch.distributed) and its linear layers."""
     import phyai.layers.linear as linear
     import phyai.parallel as parallel
-
     from phyai.parallel.state import _meshes
 
     if "model" not in _meshes:
@@ -164,9 +163,9 @@ def tiny_cosmos3_config(action: bool = False, layers: int = 4, hidden: int = 64)
     heads = hidden // 16
     return Cosmos3Config(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-        head_dim=16, intermediate_size=2 * hidden, vocab_size=256, mrope_section=(4, 2, 2), max_position_embeddings=32768,
-        latent_channel=4, latent_patch_size=2, patch_latent_dim=16, action_gen=action, action_dim=8,
-        num_embodiment_domains=2,
+        head_dim=16, intermediate_size=2 * hidden, vocab_size=256, mrope_section=(4, 2, 2),
+        max_position_embeddings=32768, latent_channel=4, latent_patch_size=2, patch_latent_dim=16,
+        action_gen=action, action_dim=8, num_embodiment_domains=2,
     )
 
 

@@ -123,11 +123,11 @@ General notes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
-
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -162,7 +162,7 @@ class TinyPipeline:
     """
 
     family: str
-    pipe: "DiffusionPipeline"
+    pipe: DiffusionPipeline
     block_lists: tuple[str, ...] = ()
 
     @property
@@ -234,7 +234,7 @@ def build_tiny_pipeline(
     return TinyPipeline(family=family, pipe=pipe, block_lists=_BLOCK_LISTS[family])
 
 
-def count_transformer_calls(pipe: "DiffusionPipeline", **kwargs: Any) -> int:
+def count_transformer_calls(pipe: DiffusionPipeline, **kwargs: Any) -> int:
     """Run ``pipe(**kwargs)`` and return how many times ``pipe.transformer`` was called.
 
     Counts module invocations with a forward pre-hook, so it also works when a

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ...blocks import BlocksArg, BlockList, discover_blocks
+from ...blocks import BlockList, BlocksArg, discover_blocks
 from ...config import DiTCacheConfig
 from ...distributed import refuse_sharded
 from ...errors import BackendUnavailableError, DiTCacheConfigError

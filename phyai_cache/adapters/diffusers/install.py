@@ -23,19 +23,19 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
 from ..._patch import MISSING, DictSnapshot, InstancePatch, UndoStack, is_stale_hook_forward
 from ...blocks import BlockList
+from ...calls import CallSignature
 from ...decision import SharedDecisions, cache_key, call_modes
 from ...instrument import BlockCounter
-from ...calls import CallSignature
 from ...runtime import CacheTarget, CallInfo, CallSource, RunState, RunStates
 from ...stats import tensor_bytes
 from ..base import Installation
-from .driver import Driver, DiffusersRunState
+from .driver import DiffusersRunState, Driver
 
 logger = logging.getLogger("phyai_cache")
 # What diffusers' enable_cache/disable_cache change on a module's instance dict.
@@ -222,7 +222,8 @@ class DiffusersInstallation(Installation):
     def begin_run(self, run: RunState) -> None:
         # A previous run that raised never reached diffusers' own reset (end of a pipeline call).
         self.transformer._reset_stateful_cache()
-        state = self.runs.open(run, DiffusersRunState(SharedDecisions(enabled=self.driver.config.separate_cfg is False)))
+        state = self.runs.open(
+            run, DiffusersRunState(SharedDecisions(enabled=self.driver.config.separate_cfg is False)))
         self.driver.begin_run(run, state)
 
     def end_run(self, run: RunState) -> None:
@@ -231,7 +232,7 @@ class DiffusersInstallation(Installation):
         finally:
             self.runs.close(run)
 
-    def call_context(self, call: CallInfo) -> ContextManager[None]:
+    def call_context(self, call: CallInfo) -> contextlib.AbstractContextManager[None]:
         return self._call_scope(call)
 
     @contextlib.contextmanager

@@ -45,8 +45,8 @@ from ...graphs import refuse_capture
 from ...runtime import CallInfo, CallSource, RunState, RunStates, TransformerCall
 from ..base import Installation
 from .groups import BlockWork, Forward, Group, NativeRunState
-from .method import StepInputs
 from .history import forecast_position
+from .method import StepInputs
 from .run_setup import RunSetup, check_shared_layout, run_setup, scheduled_rules
 from .wholecall import run_whole_call, run_whole_call_rows
 

@@ -31,7 +31,6 @@ import torch
 from ...decision import BranchCounters
 from ...stats import tensor_bytes
 
-
 # The axis a run forecasts along when its options do not say (see Forecaster; chosen by measurement,
 # docs/benchmarks.md "Forecasts in the sampler's time").
 DEFAULT_FORECAST_AXIS = "step"

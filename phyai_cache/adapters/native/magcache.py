@@ -56,7 +56,8 @@ class MagCacheMethod(Method):
         if shipped is not None:
             return {**options, "mag_ratios": shipped}
         raise DiTCacheConfigError(
-            "options.mag_ratios", None, f"a list of per-step magnitude ratios calibrated for {model_class or 'this model'}",
+            "options.mag_ratios", None,
+            f"a list of per-step magnitude ratios calibrated for {model_class or 'this model'}",
             hint="MagCache's ratios are checkpoint-specific (diffusers ships FLUX.1-dev's only); measure them with "
                  "`phyai-cache calibrate --strategy magcache` or phyai_cache.calibrate(pipe, call_kwargs, "
                  "strategy='magcache'), which writes them into a preset")

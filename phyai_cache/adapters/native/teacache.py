@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
+from ...blocks import forward_parameters
 from ...decision import Decision
 from ...errors import CacheStateError, DiTCacheConfigError
 from ...runtime import RunState
-from ...blocks import forward_parameters
 from .method import Method, StepInputs, relative_change
 
 IDENTITY = (1.0, 0.0)

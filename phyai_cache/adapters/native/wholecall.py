@@ -33,9 +33,9 @@ from ...blocks import ROW_ARGUMENTS, SHARED_ARGUMENTS, forward_parameters, has_b
 from ...decision import cache_gap, cache_key, call_modes, decide
 from ...errors import CacheStateError
 from ...runtime import CallInfo, TransformerCall
-from .method import StepInputs
 from .groups import Group
 from .history import ResidualHistory
+from .method import StepInputs
 
 if TYPE_CHECKING:
     from .chain import ChainInstallation
