@@ -153,7 +153,9 @@ class CacheHandle:
             return load_config(None, **overrides)
         if config is None:
             return with_overrides(self._config, overrides)
-        return load_config(config, **overrides)
+        resolved = load_config(config, **overrides)
+        warn_if_calibrated_elsewhere(resolved, self._target.transformer)  # a request's own preset, too
+        return resolved
 
     def _install_for_requests(self) -> None:
         """Put the native engine on the target of a handle whose config is off, at its first request.

@@ -196,6 +196,23 @@ def test_a_config_calibrated_on_another_model_class_warns_once_naming_the_tuning
     assert "phyai-cache tune" in warnings[0] and "phyai-cache calibrate" in warnings[0]
 
 
+class RequestPolyDiT(PolyDiT):
+    """Its own class name: the warning is once per process for each pair of classes."""
+
+
+def test_a_request_or_override_with_a_preset_of_another_class_warns_once_too(caplog):
+    """Serving: the handle's default may be the model's own, while a request asks for a shipped preset."""
+    handle = enable_dit_cache(RequestPolyDiT(), enabled=False, blocks="blocks")
+    with caplog.at_level(logging.WARNING, logger="phyai_cache"):
+        for _ in range(2):
+            handle.open_request("taylorseer-quality", num_inference_steps=20).close()
+            with handle.override("taylorseer-quality"):
+                pass
+    warnings = [r.getMessage() for r in caplog.records if "calibrated on" in r.getMessage()]
+    assert len(warnings) == 1 and "RequestPolyDiT" in warnings[0]
+    handle.disable()
+
+
 def test_a_config_calibrated_on_the_same_class_or_recording_none_does_not_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="phyai_cache"):
         for calibrated_on in ("PolyDiT", None):
