@@ -1,4 +1,4 @@
-"""``phyai-cache``: inspect backends and presets, validate configs, and run the demo."""
+"""``phyai-cache``: inspect backends and presets and validate configs; the lab adds bench, tune, demo, ..."""
 
 from __future__ import annotations
 
