@@ -177,7 +177,6 @@ def check_shared_layout(setups: list[RunSetup]) -> None:
             f"(got {sorted(layouts)}); use per-row decisions or batch such requests separately")
 
 
-
 def check_latent_parameter(model: torch.nn.Module) -> None:
     """``options.skip_call``: a clear :class:`DiTCacheConfigError` (at enable time) when ``model``'s
     forward has no latents to forecast from (:mod:`.wholecall`): a diffusers model without
