@@ -36,6 +36,26 @@ def forecaster_entries(intervals: list[int], variants: list) -> list[SweepEntry]
             for n in intervals for label, order, options in variants]
 
 
+# Schedules of 50 steps: taylorseer-quality's (6 computed) and the searched 5-computed one of docs/benchmarks.md.
+TARGET_SCHEDULES = {"6 of 50": [0, 5, 12, 22, 33, 44], "5 of 50": [0, 2, 14, 28, 43]}
+
+
+def target_entries(steps: int, timestep_scale: float, intervals: list[int]) -> list[SweepEntry]:
+    """The call's output (velocity) forecast against the data prediction's (options.forecast_target)."""
+    plans = [(name, {"schedule": {str(steps): schedule}}) for name, schedule in TARGET_SCHEDULES.items()
+             if steps == 50] + [(f"n={n}", {"cache_interval": n}) for n in intervals]
+    entries = []
+    for name, plan in plans:
+        interval = plan.pop("cache_interval", 3)
+        for order in (1, 2):
+            for target in ("output", "data", "noise"):
+                data = {"forecast_target": target, "timestep_scale": timestep_scale} if target != "output" else {}
+                entries.append(SweepEntry(f"{name} o{order} {target}", "native", "taylorseer",
+                                          {"cache_interval": interval, "taylorseer_order": order, "warmup_steps": 2,
+                                           "options": {"skip_call": True, **plan, **data}}))
+    return entries
+
+
 def preset_entries() -> list[SweepEntry]:
     entries = []
     for name, interval in PREVIOUS.items():
@@ -51,7 +71,7 @@ def preset_entries() -> list[SweepEntry]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("forecasters", "presets"))
+    parser.add_argument("what", choices=("forecasters", "presets", "targets"))
     parser.add_argument("--model", choices=("reference", "video"), default="reference")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--intervals", default="8,12")
@@ -63,6 +83,9 @@ def main() -> None:
     if args.what == "forecasters":
         variants = json.loads(args.variants) if args.variants else VARIANTS
         entries = forecaster_entries([int(n) for n in args.intervals.split(",")], variants)
+    elif args.what == "targets":
+        scale = 1.0 if args.model == "reference" else 1000.0  # FluxPipeline passes sigma; Wan's UniPC 1000 sigma
+        entries = target_entries(args.steps, scale, [int(n) for n in args.intervals.split(",") if n])
     else:
         entries = preset_entries()
     model = {} if args.model == "reference" else {"workload_factory": workload_factory(args.model)}
