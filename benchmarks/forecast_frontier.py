@@ -36,14 +36,14 @@ def forecaster_entries(intervals: list[int], variants: list) -> list[SweepEntry]
             for n in intervals for label, order, options in variants]
 
 
-# Schedules of 50 steps: taylorseer-quality's (6 computed) and the searched 5-computed one of docs/benchmarks.md.
-TARGET_SCHEDULES = {"6 of 50": [0, 5, 12, 22, 33, 44], "5 of 50": [0, 2, 14, 28, 43]}
+# taylorseer-quality's and -balanced's schedules, and the searched 5-of-50 one of docs/benchmarks.md.
+TARGET_SCHEDULES = {50: {"6 of 50": [0, 5, 12, 22, 33, 44], "5 of 50": [0, 2, 14, 28, 43], "4 of 50": [0, 8, 20, 38]},
+                    20: {"5 of 20": [0, 2, 6, 12, 17], "4 of 20": [0, 4, 10, 17]}}
 
 
 def target_entries(steps: int, timestep_scale: float, intervals: list[int]) -> list[SweepEntry]:
     """The call's output (velocity) forecast against the data prediction's (options.forecast_target)."""
-    plans = [(name, {"schedule": {str(steps): schedule}}) for name, schedule in TARGET_SCHEDULES.items()
-             if steps == 50] + [(f"n={n}", {"cache_interval": n}) for n in intervals]
+    plans = [(name, {"schedule": {str(steps): schedule}}) for name, schedule in TARGET_SCHEDULES.get(steps, {}).items()] + [(f"n={n}", {"cache_interval": n}) for n in intervals]
     entries = []
     for name, plan in plans:
         interval = plan.pop("cache_interval", 3)
