@@ -10,7 +10,10 @@ same steps and only the forecast differs. ``presets``: the previous taylorseer p
 whole-call intervals. One run of :func:`phyai_cache_lab.bench.runner.run_bench` each: every row shares the
 uncached reference and the interleaved timing. The forms dropped after measuring (Hermite, FoCa,
 frequency split) are in commit 53b4067 of branch ``forecast``; run this script from that commit's
-tree with ``--variants`` naming them to reproduce their rows in docs/benchmarks.md.
+tree with ``--variants`` naming them to reproduce their rows in docs/benchmarks.md. The forecast
+targets measured and dropped after (the data and noise predictions, ``options.forecast_target``) are
+in commit 0b3fb7b of branch ``forecast-data``: its ``targets`` subcommand and
+``benchmarks/forecast_target_schedules.py`` give their rows.
 """
 
 from __future__ import annotations
@@ -36,26 +39,6 @@ def forecaster_entries(intervals: list[int], variants: list) -> list[SweepEntry]
             for n in intervals for label, order, options in variants]
 
 
-# taylorseer-quality's and -balanced's schedules, and the searched 5-of-50 one of docs/benchmarks.md.
-TARGET_SCHEDULES = {50: {"6 of 50": [0, 5, 12, 22, 33, 44], "5 of 50": [0, 2, 14, 28, 43], "4 of 50": [0, 8, 20, 38]},
-                    20: {"5 of 20": [0, 2, 6, 12, 17], "4 of 20": [0, 4, 10, 17]}}
-
-
-def target_entries(steps: int, timestep_scale: float, intervals: list[int]) -> list[SweepEntry]:
-    """The call's output (velocity) forecast against the data prediction's (options.forecast_target)."""
-    plans = [(name, {"schedule": {str(steps): schedule}}) for name, schedule in TARGET_SCHEDULES.get(steps, {}).items()] + [(f"n={n}", {"cache_interval": n}) for n in intervals]
-    entries = []
-    for name, plan in plans:
-        interval = plan.pop("cache_interval", 3)
-        for order in (1, 2):
-            for target in ("output", "data", "noise"):
-                data = {"forecast_target": target, "timestep_scale": timestep_scale} if target != "output" else {}
-                entries.append(SweepEntry(f"{name} o{order} {target}", "native", "taylorseer",
-                                          {"cache_interval": interval, "taylorseer_order": order, "warmup_steps": 2,
-                                           "options": {"skip_call": True, **plan, **data}}))
-    return entries
-
-
 def preset_entries() -> list[SweepEntry]:
     entries = []
     for name, interval in PREVIOUS.items():
@@ -71,7 +54,7 @@ def preset_entries() -> list[SweepEntry]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("forecasters", "presets", "targets"))
+    parser.add_argument("what", choices=("forecasters", "presets"))
     parser.add_argument("--model", choices=("reference", "video"), default="reference")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--intervals", default="8,12")
@@ -83,9 +66,6 @@ def main() -> None:
     if args.what == "forecasters":
         variants = json.loads(args.variants) if args.variants else VARIANTS
         entries = forecaster_entries([int(n) for n in args.intervals.split(",")], variants)
-    elif args.what == "targets":
-        scale = 1.0 if args.model == "reference" else 1000.0  # FluxPipeline passes sigma; Wan's UniPC 1000 sigma
-        entries = target_entries(args.steps, scale, [int(n) for n in args.intervals.split(",") if n])
     else:
         entries = preset_entries()
     model = {} if args.model == "reference" else {"workload_factory": workload_factory(args.model)}

@@ -68,7 +68,6 @@ class Group:
     # is replaced by the forecast, wholecall.run_whole_call_rows).
     ahead: bool = False
     position: float | None = None  # where the call lies on the forecaster's axis (its time or step)
-    sigma: torch.Tensor | None = None  # options.forecast_target "data": the rows' noise level (wholecall.py)
 
     @property
     def layout(self) -> ChainLayout:

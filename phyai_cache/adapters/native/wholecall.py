@@ -48,7 +48,6 @@ class CallOutput:
 
     history: ResidualHistory
     rebuild: Callable[[torch.Tensor], Any]
-    last: torch.Tensor | None = None  # forecast_target "data": the last computed output (used near sigma 0)
 
 
 def split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
@@ -118,8 +117,6 @@ def decide_ahead(engine: ChainInstallation, call: CallInfo, args: tuple, kwargs:
     group = Group(call, state, state.branch_cache(call), ahead=True, position=engine.position(state, call))
     group.chain_input, encoder = group.rows(hidden), group.rows(encoder) if isinstance(encoder, torch.Tensor) else None
     group.key = cache_key(group.chain_input, encoder, call_modes(args, kwargs))
-    if state.setup.options.get("forecast_target", "output") != "output":
-        group.sigma = data_sigma(engine, group, args, kwargs)
     cache, method = group.cache, group.cache.method
     if method is not None:
         group.inputs = StepInputs(call, group.chain_input)
@@ -135,52 +132,11 @@ def decide_ahead(engine: ChainInstallation, call: CallInfo, args: tuple, kwargs:
 def forecast(group: Group) -> torch.Tensor:
     """A cached step's output rows: the forecast over the branch's computed calls."""
     group.call.skipped_call = True
-    output = group.cache.output
-    history = output.history
-    target = group.state.setup.options.get("forecast_target", "output")
-    if group.sigma is not None and bool((_divisor(target, group.sigma) < MIN_SIGMA).any()):
-        # Converting back divides the forecast's error by sigma (or 1 - sigma): there reuse the last output.
-        group.call.run.warn_once("forecast_target_sigma", f"phyai_cache: options.forecast_target {target!r} "
-                                 f"reuses the last computed output where its divisor is below {MIN_SIGMA}")
-        return output.last.clone()
+    history = group.cache.output.history
     value = history.predict(group.call.step, group.position)
-    if group.sigma is not None:
-        x, forecast_value = group.chain_input.float(), value.float()
-        velocity = (x - forecast_value) if target == "data" else (forecast_value - x)
-        return (velocity / _divisor(target, group.sigma)).to(output.last.dtype)
     if any(value is factor for factor in history.factors):
         value = value.clone()  # plain reuse: the caller must not get (and mutate) our copy
     return value
-
-
-# Below this noise level a data forecast's velocity is not trusted (see forecast()).
-MIN_SIGMA = 1e-3
-
-
-def _divisor(target: str, sigma: torch.Tensor) -> torch.Tensor:
-    return sigma if target == "data" else 1 - sigma
-
-
-def data_sigma(engine: ChainInstallation, group: Group, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    """The noise level of ``group``'s rows, shaped to broadcast over its latents: the call's timestep
-    divided by ``options.timestep_scale`` (the timestep at sigma 1)."""
-    signature = engine.lifecycle.target.signature
-    time = signature.timestep_value(args, kwargs)
-    scale = group.state.setup.options["timestep_scale"]
-    if isinstance(time, (int, float)) and not isinstance(time, bool):
-        time = torch.tensor(float(time))
-    if not isinstance(time, torch.Tensor) or time.numel() == 0 or time.dtype == torch.bool:
-        raise CacheStateError(f"options.forecast_target 'data' needs the transformer call's timestep "
-                              f"({signature.describe_timestep()}) as a number or tensor; got {type(time).__name__}")
-    time = time.reshape(-1).float()
-    rows = group.chain_input.shape[0]
-    if time.numel() > 1 and group.call.rows != slice(None):
-        time = time[group.call.rows]
-    if time.numel() not in (1, rows):
-        raise CacheStateError(f"options.forecast_target 'data': the call's timestep has {time.numel()} values "
-                              f"for {rows} rows")
-    sigma = (time / scale).to(group.chain_input.device)
-    return sigma.reshape(-1, *([1] * (group.chain_input.dim() - 1))).expand(rows, *([1] * (group.chain_input.dim() - 1)))
 
 
 def keep_output(engine: ChainInstallation, group: Group, tensor: torch.Tensor, rebuild: Callable) -> None:
@@ -192,18 +148,7 @@ def keep_output(engine: ChainInstallation, group: Group, tensor: torch.Tensor, r
         cache.output = CallOutput(setup.forecaster.history(), rebuild)
     # A copy: the pipeline owns the output and may change it in place (a cached tensor changed
     # behind the cache's back is how SGLang #33827 corrupted images).
-    kept = tensor.detach().clone()
-    if group.sigma is not None:
-        if tensor.shape != group.chain_input.shape:
-            raise CacheStateError(f"options.forecast_target 'data' needs the call's output shaped like its latents; "
-                                  f"got {tuple(tensor.shape)} for latents {tuple(group.chain_input.shape)}")
-        cache.output.last = kept
-        x = group.chain_input.float()
-        if group.state.setup.options["forecast_target"] == "data":
-            kept = x - group.sigma * kept.float()  # x0 = x_t - sigma * v
-        else:
-            kept = x + (1 - group.sigma) * kept.float()  # noise = x_t + (1 - sigma) * v
-    cache.output.history.update(group.call.step, kept, group.position)
+    cache.output.history.update(group.call.step, tensor.detach().clone(), group.position)
     cache.output.rebuild = rebuild
     if cache.method is not None:
         cache.method.computed(group.inputs, tensor)
