@@ -10,7 +10,10 @@ same steps and only the forecast differs. ``presets``: the previous taylorseer p
 whole-call intervals. One run of :func:`phyai_cache_lab.bench.runner.run_bench` each: every row shares the
 uncached reference and the interleaved timing. The forms dropped after measuring (Hermite, FoCa,
 frequency split) are in commit 53b4067 of branch ``forecast``; run this script from that commit's
-tree with ``--variants`` naming them to reproduce their rows in docs/benchmarks.md.
+tree with ``--variants`` naming them to reproduce their rows in docs/benchmarks.md. The forecast
+targets measured and dropped after (the data and noise predictions, ``options.forecast_target``) are
+in commit 0b3fb7b of branch ``forecast-data``: its ``targets`` subcommand and
+``benchmarks/forecast_target_schedules.py`` give their rows.
 """
 
 from __future__ import annotations
