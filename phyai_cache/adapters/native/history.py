@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +31,6 @@ import torch
 
 from ...decision import BranchCounters
 from ...stats import tensor_bytes
-
-# The axis a run forecasts along when its options do not say (see Forecaster; chosen by measurement,
-# docs/benchmarks.md "Forecasts in the sampler's time").
-DEFAULT_FORECAST_AXIS = "step"
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,13 @@ class Forecaster:
 
     order: int = 0
     form: str = "taylor"
-    axis: str = "step"
+    axis: str = "step"  # the default, chosen by measurement (docs/benchmarks.md, "Forecasts in the sampler's time")
+
+    @classmethod
+    def of(cls, order: int | None, options: Mapping[str, Any]) -> Forecaster:
+        """A run's forecaster: ``taylorseer_order`` and ``options.forecast`` / ``forecast_axis``, where
+        given (the defaults above otherwise)."""
+        return cls(order or 0, options.get("forecast", cls.form), options.get("forecast_axis", cls.axis))
 
     def history(self) -> ResidualHistory:
         return ResidualHistory(self.order, self.form)

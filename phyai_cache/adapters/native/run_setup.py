@@ -25,7 +25,7 @@ from ...known_blocks import known_model
 from ...runtime import RunState
 from ...strategies import get_strategy
 from ...strategies._options import validate as validate_options
-from .history import DEFAULT_FORECAST_AXIS, Forecaster
+from .history import Forecaster
 from .method import Method
 
 
@@ -127,14 +127,9 @@ def run_setup(lists: list[BlockList], config: DiTCacheConfig, model: torch.nn.Mo
     check_block_counts(front, back, total)
     rules = _Calibrating(config) if options.get("calibrate") else StepRules(config)
     return RunSetup(config, enabled=True, layout=ChainLayout(lists, front, back), rules=rules,
-                    measured=spec.native.measured, forecaster=_forecaster(config, options),
+                    measured=spec.native.measured, forecaster=Forecaster.of(config.taylorseer_order, options),
                     separate_cfg=config.separate_cfg is not False,  # "auto" -> separate: always correct
                     method=method, options=options, verify=verify, skip_call=skip_call, streams=streams)
-
-
-def _forecaster(config: DiTCacheConfig, options: Mapping[str, Any]) -> Forecaster:
-    return Forecaster(config.taylorseer_order or 0, options.get("forecast", "taylor"),
-                      options.get("forecast_axis", DEFAULT_FORECAST_AXIS))
 
 
 def scheduled_rules(setup: RunSetup, run: RunState) -> StepRules | None:
