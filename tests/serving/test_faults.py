@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 from snapshots import target_fingerprint
-from toy_serving import STEPS, ToyJob, decisions, solo, step_batch
+from toy_serving import STEPS, ToyJob, close_leftover_requests, decisions, solo, step_batch
 
 from phyai_cache import (
     CacheStateError,
@@ -52,9 +52,7 @@ def model():
 def handle(model):
     handle = enable_dit_cache(model, **NATIVE)
     yield handle
-    table = handle._lifecycle.requests
-    for request_id in handle.open_requests:  # a failing test must not leak into the next
-        table.close(table._runs[request_id], completed=False)
+    close_leftover_requests(handle)
     handle.disable()
 
 

@@ -81,3 +81,10 @@ def solo(model: torch.nn.Module, handle: Any, config: Any, seed: int, guidance: 
 def decisions(request: Any) -> list[tuple[int, str, str, str]]:
     """Per step: (step, branch, decision, reason); failed calls (retried) are no steps."""
     return [(r.step, r.branch, r.decision, r.reason) for r in request.stats.records if r.decision != "raised"]
+
+
+def close_leftover_requests(handle: Any) -> None:
+    """Fixture teardown: close what a failing test left open, so it cannot leak into the next."""
+    table = handle._lifecycle.requests
+    for request_id in handle.open_requests:
+        table.close(table._runs[request_id], completed=False)
